@@ -1,0 +1,5 @@
+import sys
+
+from exocli.main import main
+
+sys.exit(main())

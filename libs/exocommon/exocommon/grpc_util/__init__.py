@@ -1,0 +1,36 @@
+"""gRPC plumbing shared by every Exocore service and client.
+
+Server: `ServiceServer` / `serve` (health, reflection, graceful SIGTERM shutdown, interceptors),
+`ErrorMappingInterceptor` (ExocoreError -> status), `RequestLoggingInterceptor`,
+`configure_logging`. Client: `create_channel` (retries + keepalive), `deadline`,
+`DEFAULT_DEADLINE_S`, `wait_ready`, `check_health`, `exception_from_rpc_error` (status -> typed
+ExocoreError). See each module's docstring.
+"""
+
+from .client import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    check_health,
+    create_channel,
+    deadline,
+    wait_ready,
+)
+from .errors import ErrorMappingInterceptor, exception_from_rpc_error
+from .logging import RequestLoggingInterceptor, configure_logging
+from .server import Registration, ServiceServer, serve
+
+__all__ = [
+    "DEFAULT_DEADLINE_S",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ErrorMappingInterceptor",
+    "Registration",
+    "RequestLoggingInterceptor",
+    "ServiceServer",
+    "check_health",
+    "configure_logging",
+    "create_channel",
+    "deadline",
+    "exception_from_rpc_error",
+    "serve",
+    "wait_ready",
+]

@@ -1,0 +1,135 @@
+"""Mapping the project's error hierarchy (`exocommon.errors`) to gRPC status codes and back.
+
+Server side: `ErrorMappingInterceptor` wraps every async handler (all four RPC kinds, coroutine
+and async-generator styles). An `ExocoreError` raised by the handler ends the call with
+``getattr(grpc.StatusCode, exc.grpc_status)`` and ``str(exc)`` as details; any other exception
+ends it with INTERNAL and the generic details ``"internal error"`` (the text and traceback are
+logged, never sent). gRPC's own exceptions (`grpc.aio.BaseError`: the `AbortError` raised by
+``context.abort``, write-after-cancel errors, ...) and cancellation pass through untouched.
+
+Client side: `exception_from_rpc_error(e)` turns a failed call into the matching typed error:
+``raise exception_from_rpc_error(e) from e``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from exocommon import errors as _errors
+from exocommon.errors import ExocoreError
+
+from ._handlers import CoroBehavior, GenBehavior, wrap_handler
+
+__all__ = ["INTERNAL_ERROR_DETAILS", "ErrorMappingInterceptor", "exception_from_rpc_error", "status_code_of"]
+
+_log = logging.getLogger("exocommon.grpc.errors")
+
+INTERNAL_ERROR_DETAILS = "internal error"
+
+
+def status_code_of(exc: ExocoreError) -> grpc.StatusCode:
+    """The `grpc.StatusCode` named by ``exc.grpc_status`` (UNKNOWN if the name is not a code)."""
+    code = getattr(grpc.StatusCode, exc.grpc_status, None)
+    if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
+        return grpc.StatusCode.UNKNOWN
+    return code
+
+
+def _status_for(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ExocoreError):
+        code = status_code_of(exc)
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            _log.error("handler failed", exc_info=exc, extra={"method": method, "code": code.name})
+        return code, str(exc)
+    _log.error(
+        "unexpected exception in handler",
+        exc_info=exc,
+        extra={"method": method, "error": type(exc).__name__},
+    )
+    return grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAILS
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Server interceptor turning handler exceptions into gRPC statuses (see module docstring)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+
+        def wrap_coro(behavior: CoroBehavior) -> CoroBehavior:
+            async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request, context)
+                except grpc.aio.BaseError:
+                    raise
+                except Exception as exc:
+                    if context.done():
+                        raise
+                    code, details = _status_for(exc, method)
+                    await context.abort(code, details)
+
+            return mapped
+
+        def wrap_gen(behavior: GenBehavior) -> GenBehavior:
+            async def mapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    # aclosing: the wrapped generator's `finally` runs as soon as we stop.
+                    async with contextlib.aclosing(behavior(request, context)) as responses:  # type: ignore[type-var]
+                        async for response in responses:
+                            yield response
+                except grpc.aio.BaseError:
+                    raise
+                except Exception as exc:
+                    if context.done():
+                        raise
+                    code, details = _status_for(exc, method)
+                    await context.abort(code, details)
+
+            return mapped
+
+        return wrap_handler(handler, wrap_coro, wrap_gen)
+
+
+def _code_to_class() -> dict[grpc.StatusCode, type[ExocoreError]]:
+    mapping: dict[grpc.StatusCode, type[ExocoreError]] = {}
+    for name in _errors.__all__:
+        cls = getattr(_errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, ExocoreError):
+            code = getattr(grpc.StatusCode, cls.grpc_status, None)
+            # Prefer the class that names the code directly over a subclass of it.
+            if isinstance(code, grpc.StatusCode) and (code not in mapping or issubclass(mapping[code], cls)):
+                mapping[code] = cls
+    return mapping
+
+
+_CODE_TO_CLASS = _code_to_class()
+
+
+def exception_from_rpc_error(e: grpc.aio.AioRpcError | grpc.RpcError) -> ExocoreError:
+    """The typed `ExocoreError` for a failed call; message = the status details.
+
+    Codes without a class of their own (CANCELLED, UNIMPLEMENTED, OUT_OF_RANGE, DATA_LOSS, ...)
+    give a plain `ExocoreError` whose message starts with the code name.
+    """
+    code_fn = getattr(e, "code", None)
+    details_fn = getattr(e, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = (details_fn() if callable(details_fn) else None) or ""
+    if not isinstance(code, grpc.StatusCode):
+        return ExocoreError(details or str(e))
+    cls = _CODE_TO_CLASS.get(code)
+    if cls is None:
+        return ExocoreError(f"{code.name}: {details}" if details else code.name)
+    return cls(details)
