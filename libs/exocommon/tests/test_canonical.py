@@ -44,3 +44,30 @@ def test_unknown_domain_refused():
 def test_auth_token_payload_has_no_domain():
     data = b"\x0a\x03abc"
     assert canonical.auth_token_signing_payload(data) == data
+
+
+def test_merkle_proofs_verify_for_every_size_and_index():
+    import hashlib
+
+    from exocommon.canonical import merkle_root_and_proofs, merkle_root_from_proof
+
+    for size in range(1, 18):
+        hashes = [hashlib.sha3_256(bytes([i])).digest() for i in range(size)]
+        root, proofs = merkle_root_and_proofs(hashes)
+        for index, proof in enumerate(proofs):
+            assert merkle_root_from_proof(hashes[index], index, size, proof) == root
+            # Another leaf, another position or a truncated path does not lead to the root.
+            assert merkle_root_from_proof(hashes[(index + 1) % size], index, size, proof) != root or size == 1
+            if size > 1:
+                assert merkle_root_from_proof(hashes[index], (index + 1) % size, size, proof) != root
+                assert merkle_root_from_proof(hashes[index], index, size, proof[:-1]) != root
+        assert merkle_root_from_proof(hashes[0], size, size, proofs[0]) is None
+
+
+def test_peer_envelope_payload_binds_every_field():
+    from exocommon.canonical import peer_envelope_payload
+
+    base = peer_envelope_payload("cell", "a", "b", 1, b"m")
+    assert base != peer_envelope_payload("cell", "ab", "", 1, b"m")
+    assert base != peer_envelope_payload("cell", "a", "b", 2, b"m")
+    assert base != peer_envelope_payload("cel", "a", "b", 1, b"m")
