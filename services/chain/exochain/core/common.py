@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -127,3 +128,14 @@ class RequestTracker:
     def force_next(self) -> None:
         """Allow an immediate next request (e.g. after a useful response)."""
         self.last_request_ns = None
+
+
+class ChainSyncStatus(enum.Enum):
+    UNKNOWN = "unknown"
+    DOWNLOADING = "downloading"
+    SYNCHRONIZED = "synchronized"
+
+
+# MetaStore keys of the sync state shared by the cores (SPEC 2.6: pending_last_cleanup_block).
+META_CLEANUP_OFFSET = "pending_last_cleanup_offset"
+META_CLEANUP_HEIGHT = "pending_last_cleanup_height"
