@@ -1,0 +1,1 @@
+"""The entity store: chain tailer, indices, aggregation, query engine and watched queries."""
