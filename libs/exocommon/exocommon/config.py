@@ -357,7 +357,16 @@ def _validate_settings(cfg: config_pb2.LocalNodeConfig, source: str) -> None:
         for f in ("run_interval_secs", "queue_size"):
             _check_positive(idx.garbage_collector, f, "store.index.garbage_collector", source)
     if cfg.HasField("chain"):
-        for f in ("segment_max_size", "segment_max_open_mmap"):
+        for f in (
+            "segment_max_size",
+            "segment_max_open_mmap",
+            "commit_interval_ms",
+            "block_proposal_timeout_ms",
+            "cleanup_after_block_depth",
+            "commit_max_pending_operations",
+            "tick_interval_ms",
+            "sync_interval_ms",
+        ):
             _check_positive(cfg.chain, f, "chain", source)
 
 

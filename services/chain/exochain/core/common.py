@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from exocommon.ids import PeerId, consistent_clock_id
 from exocommon.keys import Keypair, PublicKey
 from exocore.chain.v1 import chain_pb2
 
@@ -37,6 +39,29 @@ class ChainCell:
 
     def member_key(self, node_id: str) -> PublicKey | None:
         return self.member_keys.get(node_id) or self.chain_node_keys.get(node_id)
+
+    def clock_slot(self, node_id: str) -> int:
+        """The node's 3-digit slot in operation ids, unique within the cell.
+
+        The original used `clock_id % 1000` and hoped two nodes never share it (SPEC 11, item 16);
+        a collision makes two nodes issue the same operation ids. Here every node of the cell
+        computes the same table from the membership: nodes sorted by id take their natural slot,
+        or the next free one.
+        """
+        return _clock_slots(tuple(sorted({*self.member_keys, *self.chain_node_keys})))[node_id]
+
+
+@functools.cache
+def _clock_slots(node_ids: tuple[str, ...]) -> dict[str, int]:
+    slots: dict[str, int] = {}
+    taken: set[int] = set()
+    for node_id in node_ids:
+        slot = consistent_clock_id(PeerId.from_str(node_id)) % 1000
+        while slot in taken:
+            slot = (slot + 1) % 1000
+        slots[node_id] = slot
+        taken.add(slot)
+    return slots
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,239 @@
+"""The chain engine: the three cores behind one sans-IO surface (SPEC 2.6).
+
+The shell (gRPC) calls `append`, `on_message` and `tick` with the current time, then sends what
+`take_outbox()` returns and publishes what `take_events()` returns. Storage is written before
+anything is returned, so what a caller was told is durable.
+
+Order inside a tick, as the original: chain sync first; the commit manager and the pending sync
+only run while the chain is synchronized (so a node that is behind never signs or revives stale
+operations); an out-of-sync verdict from the commit manager resets chain sync.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from exochain.core.chain_sync import ChainSynchronizer
+from exochain.core.commit_manager import CommitManager
+from exochain.core.common import (
+    META_CLEANUP_HEIGHT,
+    META_CLEANUP_OFFSET,
+    ChainCell,
+    ChainSyncStatus,
+    EngineConfig,
+    LocalChainNode,
+    Outgoing,
+)
+from exochain.core.pending_sync import PendingSynchronizer
+from exochain.model import BlockView, SignatureChecker, SignedOp, new_entry, sign_operations
+from exochain.storage.base import ChainStore, CommitStatus, MetaStore, PendingStore
+from exocommon.clock import Clock, TimeSource
+from exocommon.errors import FailedPrecondition, InvalidArgument
+from exocore.chain.v1 import chain_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class NewPendingOperations:
+    """Operations that entered the pending store (local appends, or received from peers)."""
+
+    ops: list[SignedOp]
+
+
+@dataclass(frozen=True, slots=True)
+class NewBlocks:
+    """Blocks appended to the local chain (committed here, or downloaded)."""
+
+    blocks: list[BlockView]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainTruncated:
+    """Blocks from `from_offset` on were removed (fork recovery); their entries are pending again."""
+
+    from_offset: int
+    blocks: list[BlockView]
+
+
+EngineEvent = NewPendingOperations | NewBlocks | ChainTruncated
+
+
+@dataclass(frozen=True)
+class PeerSyncStatus:
+    node_id: str
+    status: str
+    last_common_offset: int | None
+    last_known_height: int | None
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    node_id: str
+    cell_id: str
+    height: int
+    last_offset: int
+    next_offset: int
+    sync_status: ChainSyncStatus
+    pending_operations: int
+    peers: list[PeerSyncStatus] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        local: LocalChainNode,
+        cell: ChainCell,
+        chain: ChainStore,
+        pending: PendingStore,
+        meta: MetaStore,
+        time_source: TimeSource,
+    ) -> None:
+        self.config = config
+        self.local = local
+        self.cell = cell
+        self.chain = chain
+        self.pending = pending
+        self.meta = meta
+        # After a restart, ids must stay above everything this node may already have issued.
+        self.clock = Clock(cell.clock_slot(local.node_id), time_source, issued_after=self._highest_known_id())
+        self.checker = SignatureChecker(cell.member_key)
+        self.chain_sync = ChainSynchronizer(config.chain_sync, local, cell, chain)
+        self.pending_sync = PendingSynchronizer(config.pending_sync, local, cell, pending, chain, meta, self.checker)
+        self.commit_manager = CommitManager(
+            config.commit_manager, local, cell, pending, chain, meta, self.clock.consistent_time
+        )
+        self._outbox: list[Outgoing] = []
+        self._events: list[EngineEvent] = []
+        if chain.last_block() is None:
+            log.warning("chain of cell %s has no genesis block; waiting to download it", cell.cell_id)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def append(self, entries: Sequence[bytes], now_ns: int) -> list[int]:
+        """New entries of this node: signed as one batch and stored durably before returning their ids."""
+        if not entries:
+            raise InvalidArgument("append needs at least one entry")
+        for index, data in enumerate(entries):
+            if len(data) > MAX_ENTRY_BYTES:
+                raise InvalidArgument(f"entry {index} has {len(data)} bytes, over the {MAX_ENTRY_BYTES} limit")
+        if not self.cell.is_chain_node(self.local.node_id):
+            raise FailedPrecondition(f"node {self.local.node_id} is not a chain node of cell {self.cell.cell_id}")
+        operations = [new_entry(self.clock.consistent_time(), self.local.node_id, data) for data in entries]
+        ops = sign_operations(operations, self.local.keypair)
+        self.pending.put(ops)
+        self._events.append(NewPendingOperations(ops))
+        # Pushed right away while synchronized; otherwise the periodic range sync carries them later.
+        if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
+            self._outbox.extend(self.pending_sync.handle_new_operations(ops, now_ns))
+        return [op.operation_id for op in ops]
+
+    def on_message(self, from_node_id: str, message: chain_pb2.PeerMessage, now_ns: int) -> None:
+        """A message from another chain node (already authenticated by the shell)."""
+        if from_node_id == self.local.node_id or not self.cell.is_chain_node(from_node_id):
+            log.warning("dropping message from %s: not another chain node of the cell", from_node_id)
+            return
+        kind = message.WhichOneof("kind")
+        if kind == "pending_sync":
+            # As the original: pending sync waits until the chain is synchronized, so a node that is
+            # behind does not revive operations others already cleaned up.
+            if self.chain_sync.status is not ChainSyncStatus.SYNCHRONIZED:
+                return
+            outgoing, new_ops = self.pending_sync.handle_request(from_node_id, message.pending_sync, now_ns)
+            self._outbox.extend(outgoing)
+            if new_ops:
+                self._events.append(NewPendingOperations(new_ops))
+        elif kind == "chain_sync_request":
+            self._outbox.extend(self.chain_sync.handle_request(from_node_id, message.chain_sync_request, now_ns))
+        elif kind == "chain_sync_response":
+            result = self.chain_sync.handle_response(from_node_id, message.chain_sync_response, now_ns)
+            self._outbox.extend(result.outgoing)
+            if result.truncated:
+                self._on_truncated(result.truncated)
+            if result.written:
+                self._on_downloaded(result.written)
+        else:
+            log.warning("dropping message of unknown kind from %s", from_node_id)
+
+    def tick(self, now_ns: int) -> None:
+        self._outbox.extend(self.chain_sync.tick(now_ns))
+        if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
+            result = self.commit_manager.tick(now_ns)
+            if result.new_operations:
+                self._events.append(NewPendingOperations(result.new_operations))
+                self._outbox.extend(self.pending_sync.handle_new_operations(result.new_operations, now_ns))
+            if result.committed_blocks:
+                self._events.append(NewBlocks(result.committed_blocks))
+            if result.out_of_sync:
+                log.info("commit manager found the chain out of sync; resynchronizing")
+                self.chain_sync.reset()
+        if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
+            self._outbox.extend(self.pending_sync.tick(now_ns))
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def take_outbox(self) -> list[Outgoing]:
+        outbox, self._outbox = self._outbox, []
+        return outbox
+
+    def take_events(self) -> list[EngineEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def status(self) -> EngineStatus:
+        last = self.chain.last_block()
+        peers = [
+            PeerSyncStatus(p.node_id, p.status.value, p.last_common_offset, p.last_known_height)
+            for p in self.chain_sync.peer_statuses()
+        ]
+        return EngineStatus(
+            node_id=self.local.node_id,
+            cell_id=self.cell.cell_id,
+            height=last.height if last else 0,
+            last_offset=last.offset if last else 0,
+            next_offset=self.chain.next_offset(),
+            sync_status=self.chain_sync.status,
+            pending_operations=self.pending.count(),
+            peers=peers,
+        )
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _highest_known_id(self) -> int:
+        highest = 0
+        for entry in self.pending.range():
+            highest = max(highest, entry.op.operation_id)
+        last = self.chain.last_block()
+        if last is not None:
+            highest = max([highest, last.header.proposed_operation_id, *last.head.operation_ids])
+        return highest
+
+    def _on_downloaded(self, blocks: list[BlockView]) -> None:
+        for block in blocks:
+            status = CommitStatus(block.offset, block.height)
+            present = [i for i in block.head.operation_ids if self.pending.get(i) is not None]
+            if present:
+                self.pending.set_committed(present, status)
+        self._events.append(NewBlocks(blocks))
+
+    def _on_truncated(self, blocks: list[BlockView]) -> None:
+        # The removed blocks' entries go back to (or stay in) the pending store, uncommitted, so the
+        # commit manager proposes them again on the majority's chain: nothing acknowledged is lost.
+        ops = [op for block in blocks for op in block.operations]
+        # Pending sync refuses operations committed below the last cleanup; the cleanup happened on
+        # blocks that are gone, so it moves back to the last block both chains share.
+        first = blocks[0]
+        cleanup_height = self.meta.get_int(META_CLEANUP_HEIGHT)
+        if cleanup_height is not None and cleanup_height >= first.height:
+            self.meta.set_int(META_CLEANUP_OFFSET, first.header.previous_offset)
+            self.meta.set_int(META_CLEANUP_HEIGHT, first.height - 1)
+        if ops:
+            self.pending.put(ops)
+            self.pending.set_committed([op.operation_id for op in ops], None)
+        log.warning("fork recovery: removed %d block(s) from offset %d", len(blocks), blocks[0].offset)
+        self._events.append(ChainTruncated(blocks[0].offset, blocks))

@@ -1,0 +1,667 @@
+"""The chain service: a thin grpc.aio shell around the sans-IO engine (ARCHITECTURE.md).
+
+Theory of operation
+-------------------
+
+* **One owner for the engine.** The engine is not thread safe; every call to it (`append`,
+  `on_message`, `tick`, and the storage reads of the read RPCs) happens on the event loop thread,
+  from a gRPC handler or from the driver task, never across an `await`. Engine calls are
+  synchronous (LevelDB writes with sync=True), so two of them never interleave.
+* **The driver task** calls `engine.tick(now)` every `tick_interval`. After *every* input (tick,
+  append, delivered peer message) `_after_input` drains the engine: `take_outbox()` goes to the
+  peer links, `take_events()` to the subscribers. The engine persisted everything before
+  returning, so what is sent or published is durable (raft's Ready order: persist, send, notify).
+* **Peer links.** Each other chain node gets a `PeerLink`: a bounded queue (the oldest message is
+  dropped when it is full; pending sync and chain sync are anti-entropy protocols, so a lost
+  message is repaired by a later round) and one task that signs each message in a `PeerEnvelope`
+  and calls `ChainPeer.Deliver` with a deadline, a few calls in flight at most. A dead or slow
+  peer fills its own queue and nothing else: the engine never waits on the network.
+* **Incoming envelopes** are authenticated before the engine sees them: right cell, sender a
+  chain node of the cell (not us), addressed to us, Ed25519 signature of the sender's key over
+  `canonical.peer_envelope_payload`, `sent_at` within `ENVELOPE_MAX_SKEW_NS` of our clock.
+  Anything else is UNAUTHENTICATED.
+* **Subscribers** (`ChainLog.Subscribe`) each have a bounded queue of `ChainEvent`s. The queue is
+  registered *before* the replay of stored blocks and pending operations, so nothing written
+  during the replay is missed; what the replay already sent is skipped when it comes out of the
+  queue (blocks by offset, pending operations by id). A subscriber whose queue overflows gets a
+  `StreamDiscontinuity` and its stream ends: it resubscribes from what it has.
+
+Pending events carry entry operations only; block proposals, signatures and refusals are the
+consensus' own business. When fork recovery removes blocks, subscribers get a `ChainTruncated`
+followed by the removed blocks' entries as pending operations again (the engine put them back in
+the pending store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError
+
+from exochain.core.common import ChainCell, LocalChainNode
+from exochain.core.engine import MAX_ENTRY_BYTES, ChainTruncated, Engine, EngineEvent, NewBlocks, NewPendingOperations
+from exochain.model import BlockView, OperationKind, SignedOp
+from exocommon import canonical
+from exocommon.clock import Clock, TimeSource
+from exocommon.config import Cell, Role
+from exocommon.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
+from exocommon.grpc_util import create_channel
+from exocommon.ids import PeerId, consistent_clock_id
+from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+NS_PER_S = 1_000_000_000
+
+# Envelopes whose sent_at is further than this from our clock are refused (replays, bad clocks).
+ENVELOPE_MAX_SKEW_NS = 5 * 60 * NS_PER_S
+
+# Request limits (INVALID_ARGUMENT beyond them).
+APPEND_MAX_ENTRIES = 10_000
+GET_OPERATIONS_MAX_IDS = 10_000
+GET_BLOCKS_DEFAULT_COUNT = 100
+GET_BLOCKS_MAX_COUNT = 1_000
+# A GetBlocks answer stops adding blocks past this size (the channel limit is 16 MiB).
+GET_BLOCKS_MAX_BYTES = 8 * 1024 * 1024
+
+# Replay reads from storage in batches of this many blocks / operations between two writes.
+REPLAY_BATCH_BLOCKS = 64
+REPLAY_BATCH_OPERATIONS = 512
+
+
+@dataclass(frozen=True)
+class ShellConfig:
+    """Limits of the shell itself (the engine's are in `EngineConfig`)."""
+
+    tick_interval_s: float = 0.1
+    # Per peer: queued messages, calls in flight, deadline of one Deliver call.
+    peer_queue_len_max: int = 1_000
+    peer_in_flight_max: int = 4
+    peer_deadline_s: float = 5.0
+    # Per subscriber: buffered events (the original's events_stream_buffer_size); subscribers.
+    subscriber_queue_len_max: int = 1_000
+    subscribers_max: int = 256
+
+
+def _status_text(status: object) -> str:
+    # EngineStatus says str, chain sync hands over its ChainSyncStatus enum: accept both.
+    return status.value if isinstance(status, enum.Enum) else str(status)
+
+
+def chain_cell_of(cell: Cell) -> ChainCell:
+    """The cell's chain membership as the engine sees it."""
+    chain_nodes = {str(node.node_id): node.public_key for node in cell.nodes_with_role(Role.CHAIN)}
+    members = {str(node.node_id): node.public_key for node in cell.nodes.values()}
+    return ChainCell(str(cell.id), cell.public_key, chain_nodes, members)
+
+
+def peer_addresses_of(cell: Cell) -> dict[str, str]:
+    """The chain address of every other chain node of the cell ("" when it has none)."""
+    local = str(cell.local_node.node_id)
+    return {
+        str(node.node_id): node.addresses.chain
+        for node in cell.nodes_with_role(Role.CHAIN)
+        if str(node.node_id) != local
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Envelopes
+# ---------------------------------------------------------------------------------------------
+
+
+class EnvelopeSigner:
+    """Wraps peer messages of this node in signed envelopes."""
+
+    def __init__(self, cell_id: str, local: LocalChainNode, time_source: TimeSource) -> None:
+        self.cell_id = cell_id
+        self.local = local
+        self._clock = Clock(consistent_clock_id(PeerId.from_str(local.node_id)), time_source)
+
+    def seal(self, to_node_id: str, message: chain_pb2.PeerMessage) -> chain_pb2.PeerEnvelope:
+        message_bytes = message.SerializeToString()
+        sent_at = self._clock.consistent_time()
+        payload = canonical.peer_envelope_payload(self.cell_id, self.local.node_id, to_node_id, sent_at, message_bytes)
+        return chain_pb2.PeerEnvelope(
+            cell_id=self.cell_id,
+            from_node_id=self.local.node_id,
+            to_node_id=to_node_id,
+            sent_at=sent_at,
+            message_bytes=message_bytes,
+            signature=self.local.keypair.sign(payload),
+        )
+
+
+def open_envelope(
+    envelope: chain_pb2.PeerEnvelope, cell: ChainCell, local_node_id: str, now_ns: int
+) -> chain_pb2.PeerMessage:
+    """The message of an envelope that passes every check; Unauthenticated (or InvalidArgument for
+    an authentic but unparsable message) otherwise."""
+    if envelope.cell_id != cell.cell_id:
+        raise Unauthenticated(f"envelope is for cell {envelope.cell_id!r}, this is cell {cell.cell_id}")
+    sender = envelope.from_node_id
+    key = cell.chain_node_keys.get(sender)
+    if key is None:
+        raise Unauthenticated(f"sender {sender!r} is not a chain node of cell {cell.cell_id}")
+    if sender == local_node_id:
+        raise Unauthenticated(f"envelope claims to come from this node ({local_node_id})")
+    if envelope.to_node_id != local_node_id:
+        raise Unauthenticated(f"envelope is addressed to node {envelope.to_node_id!r}, this is node {local_node_id}")
+    payload = canonical.peer_envelope_payload(
+        envelope.cell_id, sender, envelope.to_node_id, envelope.sent_at, envelope.message_bytes
+    )
+    if not key.verify(payload, envelope.signature):
+        raise Unauthenticated(f"envelope signature does not verify with the key of node {sender}")
+    skew_ns = envelope.sent_at - now_ns
+    if abs(skew_ns) > ENVELOPE_MAX_SKEW_NS:
+        raise Unauthenticated(
+            f"envelope sent_at is {skew_ns / NS_PER_S:+.0f} s from this node's clock "
+            f"(at most {ENVELOPE_MAX_SKEW_NS // NS_PER_S} s allowed)"
+        )
+    try:
+        return chain_pb2.PeerMessage.FromString(envelope.message_bytes)
+    except DecodeError as exc:
+        raise InvalidArgument(f"envelope message does not parse: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer links
+# ---------------------------------------------------------------------------------------------
+
+# Reconnect quickly to a peer that comes back (grpc's default backoff grows to 120 s).
+_PEER_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class PeerLink:
+    """Messages to one chain peer: a bounded queue drained by one task (see module docstring)."""
+
+    def __init__(self, node_id: str, address: str, signer: EnvelopeSigner, config: ShellConfig) -> None:
+        self.node_id = node_id
+        self.address = address
+        self._signer = signer
+        self._config = config
+        self._queue: deque[chain_pb2.PeerMessage] = deque()
+        self._wakeup = asyncio.Event()
+        self._reachable: bool | None = None
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+
+    def offer(self, message: chain_pb2.PeerMessage) -> None:
+        if len(self._queue) >= self._config.peer_queue_len_max:
+            self._queue.popleft()
+            self.dropped += 1
+            if self.dropped % 100 == 1:
+                log.warning("queue to peer %s is full; dropping its oldest messages", self.node_id)
+        self._queue.append(message)
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        channel = create_channel(self.address, retry=False, options=_PEER_CHANNEL_OPTIONS)
+        stub = chain_pb2_grpc.ChainPeerStub(channel)
+        in_flight = asyncio.Semaphore(self._config.peer_in_flight_max)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                while not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                await in_flight.acquire()
+                if not self._queue:
+                    in_flight.release()
+                    continue
+                envelope = self._signer.seal(self.node_id, self._queue.popleft())
+                task = asyncio.create_task(self._deliver(stub, envelope, in_flight))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await channel.close()
+
+    async def _deliver(
+        self, stub: chain_pb2_grpc.ChainPeerStub, envelope: chain_pb2.PeerEnvelope, in_flight: asyncio.Semaphore
+    ) -> None:
+        try:
+            await stub.Deliver(envelope, timeout=self._config.peer_deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            self.failed += 1
+            if self._reachable is not False:
+                log.warning(
+                    "cannot deliver to peer %s at %s: %s %s",
+                    self.node_id,
+                    self.address,
+                    exc.code().name,
+                    exc.details(),
+                )
+            self._reachable = False
+        else:
+            self.sent += 1
+            if self._reachable is False:
+                log.info("peer %s at %s is reachable again", self.node_id, self.address)
+            self._reachable = True
+        finally:
+            in_flight.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Subscribers
+# ---------------------------------------------------------------------------------------------
+
+
+class Subscriber:
+    """One Subscribe stream's bounded queue of live events."""
+
+    def __init__(self, capacity: int) -> None:
+        self._events: deque[chain_pb2.ChainEvent] = deque()
+        self._capacity = capacity
+        self._ready = asyncio.Event()
+        self.discontinued = False
+        self.closed = False
+
+    def push(self, events: Sequence[chain_pb2.ChainEvent]) -> None:
+        if self.discontinued or self.closed or not events:
+            return
+        if len(self._events) + len(events) > self._capacity:
+            self.discontinued = True
+            self._events.clear()
+        else:
+            self._events.extend(events)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    async def next(self) -> chain_pb2.ChainEvent | None:
+        """The next live event; None once discontinued or closed (check which)."""
+        while True:
+            if self.discontinued or self.closed:
+                return None
+            if self._events:
+                return self._events.popleft()
+            self._ready.clear()
+            await self._ready.wait()
+
+
+def _pending_event(op: SignedOp) -> chain_pb2.ChainEvent:
+    return chain_pb2.ChainEvent(pending=chain_pb2.PendingOperation(operation=op.to_proto()))
+
+
+def _operation_id(signed: chain_pb2.SignedOperation) -> int:
+    return chain_pb2.Operation.FromString(signed.operation_bytes).operation_id
+
+
+def chain_events_of(events: Iterable[EngineEvent]) -> list[chain_pb2.ChainEvent]:
+    """What subscribers see of engine events (see module docstring)."""
+    out: list[chain_pb2.ChainEvent] = []
+    for event in events:
+        if isinstance(event, NewPendingOperations):
+            out.extend(_pending_event(op) for op in event.ops if op.kind is OperationKind.ENTRY)
+        elif isinstance(event, NewBlocks):
+            out.extend(chain_pb2.ChainEvent(block=block.to_proto()) for block in event.blocks)
+        elif isinstance(event, ChainTruncated):
+            out.append(chain_pb2.ChainEvent(truncated=chain_pb2.ChainTruncated(from_offset=event.from_offset)))
+            entries = [op for block in event.blocks for op in block.operations if op.kind is OperationKind.ENTRY]
+            out.extend(_pending_event(op) for op in entries)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The service
+# ---------------------------------------------------------------------------------------------
+
+
+class ChainService:
+    """The engine, its driver task, the peer links and the subscribers (see module docstring)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        peer_addresses: Mapping[str, str],
+        time_source: TimeSource,
+        config: ShellConfig | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.cell = engine.cell
+        self.node_id = engine.local.node_id
+        self.config = config or ShellConfig()
+        self._time = time_source
+        self._on_fatal = on_fatal
+        self._signer = EnvelopeSigner(self.cell.cell_id, engine.local, time_source)
+        self.peers: dict[str, PeerLink] = {}
+        for node_id, address in sorted(peer_addresses.items()):
+            if address:
+                self.peers[node_id] = PeerLink(node_id, address, self._signer, self.config)
+            else:
+                log.warning("chain node %s has no chain address in the cell config; it gets no messages", node_id)
+        self._subscribers: set[Subscriber] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.fatal_error: BaseException | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._tasks:
+            raise RuntimeError("chain service already started")
+        for link in self.peers.values():
+            self._tasks.append(asyncio.create_task(link.run(), name=f"peer-{link.node_id[-6:]}"))
+        self._tasks.append(asyncio.create_task(self._drive(), name="chain-driver"))
+
+    def end_streams(self) -> None:
+        """Ends every Subscribe stream (UNAVAILABLE): called when shutdown begins."""
+        for subscriber in list(self._subscribers):
+            subscriber.close()
+
+    async def close(self) -> None:
+        """Stops the driver and the peer links (the storage is the caller's to close)."""
+        self.end_streams()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # -- driving the engine ---------------------------------------------------------------------
+
+    def _now_ns(self) -> int:
+        return self._time.now_ns()
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.tick_interval_s
+        next_tick = loop.time()
+        while True:
+            try:
+                self.engine.tick(self._now_ns())
+                self._after_input()
+            except Exception as exc:
+                # The engine's state may be half updated: stop (the daemon restarts the service
+                # and it resumes from its durable storage) rather than run on corrupted state.
+                log.critical("engine tick failed; stopping the chain service", exc_info=exc)
+                self.fatal_error = exc
+                if self._on_fatal is not None:
+                    self._on_fatal(exc)
+                return
+            # Fixed rate; after a slow tick (a long sync), start again from now instead of bursting.
+            next_tick = max(next_tick + interval, loop.time())
+            await asyncio.sleep(next_tick - loop.time())
+
+    def _after_input(self) -> None:
+        for outgoing in self.engine.take_outbox():
+            link = self.peers.get(outgoing.to_node_id)
+            if link is not None:
+                link.offer(outgoing.message)
+        events = self.engine.take_events()
+        if events and self._subscribers:
+            chain_events = chain_events_of(events)
+            for subscriber in list(self._subscribers):
+                subscriber.push(chain_events)
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def append(self, entries: Sequence[bytes]) -> list[int]:
+        """Appends entries; their ids are durable on this node when this returns."""
+        if not entries:
+            raise InvalidArgument("append needs at least one entry")
+        if len(entries) > APPEND_MAX_ENTRIES:
+            raise InvalidArgument(f"append takes at most {APPEND_MAX_ENTRIES} entries, got {len(entries)}")
+        for index, data in enumerate(entries):
+            if len(data) > MAX_ENTRY_BYTES:
+                raise InvalidArgument(f"entry {index} has {len(data)} bytes, over the {MAX_ENTRY_BYTES} limit")
+        try:
+            return self.engine.append(list(entries), self._now_ns())
+        finally:
+            self._after_input()
+
+    def deliver(self, envelope: chain_pb2.PeerEnvelope) -> None:
+        message = open_envelope(envelope, self.cell, self.node_id, self._now_ns())
+        try:
+            self.engine.on_message(envelope.from_node_id, message, self._now_ns())
+        finally:
+            self._after_input()
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get_operations(self, operation_ids: Sequence[int]) -> list[chain_pb2.StoredOperation]:
+        if len(operation_ids) > GET_OPERATIONS_MAX_IDS:
+            raise InvalidArgument(f"at most {GET_OPERATIONS_MAX_IDS} operation ids per call, got {len(operation_ids)}")
+        chain, pending = self.engine.chain, self.engine.pending
+        blocks: dict[int, BlockView | None] = {}
+        found: list[chain_pb2.StoredOperation] = []
+        for operation_id in operation_ids:
+            offset = chain.block_offset_of_operation(operation_id)
+            if offset is not None:
+                if offset not in blocks:
+                    blocks[offset] = chain.get_block(offset)
+                block = blocks[offset]
+                if block is not None:
+                    op = next((o for o in block.operations if o.operation_id == operation_id), None)
+                    if op is None:  # a block proposal id: the proposal itself may still be pending
+                        entry = pending.get(operation_id)
+                        op = entry.op if entry is not None else None
+                    if op is not None:
+                        found.append(
+                            chain_pb2.StoredOperation(
+                                operation=op.to_proto(),
+                                status=chain_pb2.OPERATION_STATUS_COMMITTED,
+                                block_offset=block.offset,
+                                block_height=block.height,
+                            )
+                        )
+                        continue
+            entry = pending.get(operation_id)
+            if entry is not None:
+                found.append(
+                    chain_pb2.StoredOperation(operation=entry.op.to_proto(), status=chain_pb2.OPERATION_STATUS_PENDING)
+                )
+        return found
+
+    def get_blocks(self, request: chain_pb2.GetBlocksRequest) -> chain_pb2.GetBlocksResponse:
+        if request.to_offset and request.to_offset < request.from_offset:
+            raise InvalidArgument(f"to_offset {request.to_offset} is before from_offset {request.from_offset}")
+        max_count = min(request.max_count or GET_BLOCKS_DEFAULT_COUNT, GET_BLOCKS_MAX_COUNT)
+        response = chain_pb2.GetBlocksResponse()
+        size = 0
+        if request.headers_only:
+            for head in itertools.islice(self.engine.chain.headers_from(request.from_offset), max_count):
+                if request.to_offset and head.offset > request.to_offset:
+                    break
+                response.headers.append(head.partial_header())
+            return response
+        for block in itertools.islice(self.engine.chain.blocks_from(request.from_offset), max_count):
+            if request.to_offset and block.offset > request.to_offset:
+                break
+            block_size = block.next_offset - block.offset
+            if response.blocks and size + block_size > GET_BLOCKS_MAX_BYTES:
+                break
+            response.blocks.append(block.to_proto())
+            size += block_size
+        return response
+
+    def status(self) -> chain_pb2.ChainStatus:
+        status = self.engine.status()
+        return chain_pb2.ChainStatus(
+            node_id=status.node_id,
+            cell_id=status.cell_id,
+            height=status.height,
+            last_offset=status.last_offset,
+            next_offset=status.next_offset,
+            sync_status=_status_text(status.sync_status),
+            pending_operations=status.pending_operations,
+            peers=[
+                chain_pb2.PeerStatus(
+                    node_id=peer.node_id,
+                    address=self.peers[peer.node_id].address if peer.node_id in self.peers else "",
+                    sync_status=_status_text(peer.status),
+                    last_common_offset=peer.last_common_offset or 0,
+                    last_known_height=peer.last_known_height or 0,
+                )
+                for peer in status.peers
+            ],
+        )
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    async def subscribe(self, request: chain_pb2.SubscribeRequest) -> AsyncIterator[chain_pb2.ChainEvent]:
+        """Replay, CaughtUp, then live events (see module docstring)."""
+        if len(self._subscribers) >= self.config.subscribers_max:
+            raise ResourceExhausted(f"too many subscribers (at most {self.config.subscribers_max})")
+        subscriber = Subscriber(self.config.subscriber_queue_len_max)
+        # Registered before anything is read: whatever is written from now on is queued.
+        self._subscribers.add(subscriber)
+        try:
+            # Blocks after `horizon` were not sent yet; None = none sent, from the genesis on.
+            horizon: int | None = request.from_block_offset if request.has_from_block_offset else None
+            while True:
+                start = 0 if horizon is None else horizon + 1
+                batch = list(itertools.islice(self.engine.chain.blocks_from(start), REPLAY_BATCH_BLOCKS))
+                if not batch:
+                    break
+                for block in batch:
+                    yield chain_pb2.ChainEvent(block=block.to_proto())
+                    horizon = block.offset
+                if subscriber.discontinued or subscriber.closed:
+                    break
+            replayed_pending: set[int] = set()
+            last_pending = request.from_pending_operation_id
+            while not (subscriber.discontinued or subscriber.closed):
+                entries = list(itertools.islice(self.engine.pending.range(after=last_pending), REPLAY_BATCH_OPERATIONS))
+                if not entries:
+                    break
+                for entry in entries:
+                    last_pending = entry.op.operation_id
+                    # Committed ones came (or come) with their block.
+                    if entry.committed is None and entry.op.kind is OperationKind.ENTRY:
+                        replayed_pending.add(entry.op.operation_id)
+                        yield _pending_event(entry.op)
+            # No await since the last (empty) reads: the queued events are exactly those that
+            # may overlap the replay.
+            overlap = len(subscriber)
+            if not (subscriber.discontinued or subscriber.closed):
+                yield chain_pb2.ChainEvent(
+                    caught_up=chain_pb2.CaughtUp(last_block_offset=horizon or 0, last_pending_operation_id=last_pending)
+                )
+            while True:
+                event = await subscriber.next()
+                if event is None:
+                    break
+                in_overlap = overlap > 0
+                overlap -= 1
+                if not in_overlap and replayed_pending:
+                    replayed_pending.clear()
+                kind = event.WhichOneof("event")
+                if kind == "block":
+                    offset = chain_pb2.BlockHeader.FromString(event.block.header_bytes).offset
+                    if horizon is not None and offset <= horizon:
+                        continue  # replayed already (or the subscriber had it)
+                    horizon = offset
+                elif kind == "truncated":
+                    # Blocks from there on are new, whatever was sent before.
+                    horizon = event.truncated.from_offset - 1 if event.truncated.from_offset else None
+                elif kind == "pending" and in_overlap:
+                    if _operation_id(event.pending.operation) in replayed_pending:
+                        continue
+                yield event
+            if subscriber.discontinued:
+                yield chain_pb2.ChainEvent(discontinuity=chain_pb2.StreamDiscontinuity())
+                return
+            raise Unavailable("the chain service is shutting down; subscribe again")
+        finally:
+            self._subscribers.discard(subscriber)
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC servicers
+# ---------------------------------------------------------------------------------------------
+
+
+class ChainPeerServicer(chain_pb2_grpc.ChainPeerServicer):
+    def __init__(self, service: ChainService) -> None:
+        self._service = service
+
+    async def Deliver(
+        self, request: chain_pb2.PeerEnvelope, context: grpc.aio.ServicerContext
+    ) -> chain_pb2.DeliverResponse:
+        self._service.deliver(request)
+        return chain_pb2.DeliverResponse()
+
+
+class ChainLogServicer(chain_pb2_grpc.ChainLogServicer):
+    def __init__(self, service: ChainService) -> None:
+        self._service = service
+
+    async def Append(
+        self, request: chain_pb2.AppendRequest, context: grpc.aio.ServicerContext
+    ) -> chain_pb2.AppendResponse:
+        return chain_pb2.AppendResponse(operation_ids=self._service.append(list(request.entries)))
+
+    async def Subscribe(
+        self, request: chain_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chain_pb2.ChainEvent]:
+        async for event in self._service.subscribe(request):
+            yield event
+
+    async def GetOperations(
+        self, request: chain_pb2.GetOperationsRequest, context: grpc.aio.ServicerContext
+    ) -> chain_pb2.GetOperationsResponse:
+        return chain_pb2.GetOperationsResponse(operations=self._service.get_operations(list(request.operation_ids)))
+
+    async def GetBlocks(
+        self, request: chain_pb2.GetBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> chain_pb2.GetBlocksResponse:
+        return self._service.get_blocks(request)
+
+    async def Status(
+        self, request: chain_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> chain_pb2.ChainStatus:
+        return self._service.status()
+
+
+def registrations(service: ChainService) -> list[tuple[Callable[..., None], object, str]]:
+    """What `ServiceServer` serves for `service`."""
+    return [
+        (
+            chain_pb2_grpc.add_ChainPeerServicer_to_server,
+            ChainPeerServicer(service),
+            chain_pb2.DESCRIPTOR.services_by_name["ChainPeer"].full_name,
+        ),
+        (
+            chain_pb2_grpc.add_ChainLogServicer_to_server,
+            ChainLogServicer(service),
+            chain_pb2.DESCRIPTOR.services_by_name["ChainLog"].full_name,
+        ),
+    ]
+
+
+__all__ = [
+    "ENVELOPE_MAX_SKEW_NS",
+    "ChainLogServicer",
+    "ChainPeerServicer",
+    "ChainService",
+    "EnvelopeSigner",
+    "PeerLink",
+    "ShellConfig",
+    "Subscriber",
+    "chain_cell_of",
+    "chain_events_of",
+    "open_envelope",
+    "peer_addresses_of",
+    "registrations",
+]

@@ -1,0 +1,216 @@
+"""The gRPC shell without gRPC: settings, envelope checks, and the Subscribe replay/live hand-off
+(no duplicates, nothing missed, bounded queues) on a one-node cell in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from exochain.core.common import NS_PER_MS, ChainCell, EngineConfig, LocalChainNode
+from exochain.core.engine import Engine
+from exochain.model import build_genesis
+from exochain.service import (
+    ENVELOPE_MAX_SKEW_NS,
+    ChainService,
+    EnvelopeSigner,
+    ShellConfig,
+    open_envelope,
+)
+from exochain.settings import DEFAULT_TICK_INTERVAL_MS, engine_config_from_node
+from exochain.storage.memory import MemoryChainStore, MemoryMetaStore, MemoryPendingStore
+from exocommon.clock import MockTimeSource
+from exocommon.config import ConfigError, LocalNodeConfig
+from exocommon.errors import InvalidArgument, Unauthenticated, Unavailable
+from exocommon.ids import PeerId
+from exocommon.keys import Keypair
+from exocore.chain.v1 import chain_pb2
+
+
+def node_id_of(keypair: Keypair) -> str:
+    return str(PeerId.from_public_key(keypair.public_key))
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def test_settings_default_to_the_original_except_the_tick():
+    config = engine_config_from_node(LocalNodeConfig())
+    defaults = EngineConfig()
+    assert config.tick_interval_ns == DEFAULT_TICK_INTERVAL_MS * NS_PER_MS
+    assert config.commit_manager == defaults.commit_manager
+    assert config.pending_sync == defaults.pending_sync
+    assert config.chain_sync == defaults.chain_sync
+
+
+def test_settings_read_every_chain_key_of_node_yaml():
+    cfg = LocalNodeConfig()
+    for key, value in {
+        "commit_interval_ms": 100,
+        "block_proposal_timeout_ms": 900,
+        "cleanup_after_block_depth": 3,
+        "commit_max_pending_operations": 50,
+        "tick_interval_ms": 20,
+        "sync_interval_ms": 200,
+    }.items():
+        getattr(cfg.chain, key).value = value
+    config = engine_config_from_node(cfg)
+    assert config.tick_interval_ns == 20 * NS_PER_MS
+    assert config.commit_manager.commit_maximum_interval_ns == 100 * NS_PER_MS
+    assert config.commit_manager.block_proposal_timeout_ns == 900 * NS_PER_MS
+    assert config.commit_manager.operations_cleanup_after_block_depth == 3
+    assert config.commit_manager.commit_maximum_pending_store_count == 50
+    for sync in (config.pending_sync, config.chain_sync):
+        assert sync.request_min_interval_ns == 200 * NS_PER_MS
+        assert sync.request_max_interval_ns == 6 * 200 * NS_PER_MS
+
+
+def test_settings_refuse_zero_naming_the_key():
+    cfg = LocalNodeConfig()
+    cfg.chain.tick_interval_ms.value = 0
+    with pytest.raises(ConfigError, match="chain.tick_interval_ms"):
+        engine_config_from_node(cfg)
+
+
+# -- envelopes ----------------------------------------------------------------------------------
+
+
+def test_envelope_checks_each_field():
+    cell_key, a_key, b_key, c_key, other = (Keypair.generate() for _ in range(5))
+    a, b, c = node_id_of(a_key), node_id_of(b_key), node_id_of(c_key)
+    cell_id = node_id_of(cell_key)
+    keys = {a: a_key.public_key, b: b_key.public_key, c: c_key.public_key}
+    cell = ChainCell(cell_id, cell_key.public_key, keys, {})
+    time_source = MockTimeSource()
+    message = chain_pb2.PeerMessage(chain_sync_request=chain_pb2.ChainSyncRequest(from_offset=5))
+    envelope = EnvelopeSigner(cell_id, LocalChainNode(a, a_key), time_source).seal(b, message)
+    now = time_source.now_ns()
+
+    assert open_envelope(envelope, cell, b, now) == message
+    with pytest.raises(Unauthenticated, match="addressed to"):
+        open_envelope(envelope, cell, c, now)
+    with pytest.raises(Unauthenticated, match="come from this node"):
+        open_envelope(envelope, cell, a, now)
+    with pytest.raises(Unauthenticated, match="sent_at"):
+        open_envelope(envelope, cell, b, now + ENVELOPE_MAX_SKEW_NS + 10**9)
+    forged = EnvelopeSigner(cell_id, LocalChainNode(a, other), time_source).seal(b, message)
+    with pytest.raises(Unauthenticated, match="does not verify"):
+        open_envelope(forged, cell, b, now)
+    stranger = EnvelopeSigner(cell_id, LocalChainNode(node_id_of(other), other), time_source).seal(b, message)
+    with pytest.raises(Unauthenticated, match="not a chain node"):
+        open_envelope(stranger, cell, b, now)
+    wrong_cell = EnvelopeSigner(a, LocalChainNode(a, a_key), time_source).seal(b, message)
+    with pytest.raises(Unauthenticated, match="is for cell"):
+        open_envelope(wrong_cell, cell, b, now)
+
+
+# -- subscriptions ------------------------------------------------------------------------------
+
+
+def one_node_service(queue_len: int = 1000) -> ChainService:
+    cell_key, node_key = Keypair.generate(), Keypair.generate()
+    node_id, cell_id = node_id_of(node_key), node_id_of(cell_key)
+    cell = ChainCell(cell_id, cell_key.public_key, {node_id: node_key.public_key}, {})
+    chain = MemoryChainStore()
+    chain.write_block(build_genesis(cell_id, cell_key))
+    # Wall time, since the engine compares it with the consistent timestamps of operations.
+    time_source = MockTimeSource(time.time_ns())
+    engine = Engine(
+        EngineConfig(),
+        LocalChainNode(node_id, node_key),
+        cell,
+        chain,
+        MemoryPendingStore(),
+        MemoryMetaStore(),
+        time_source,
+    )
+    return ChainService(engine, {}, time_source, ShellConfig(subscriber_queue_len_max=queue_len))
+
+
+def kind(event: chain_pb2.ChainEvent) -> str:
+    return event.WhichOneof("event")
+
+
+def pending_id(event: chain_pb2.ChainEvent) -> int:
+    return chain_pb2.Operation.FromString(event.pending.operation.operation_bytes).operation_id
+
+
+async def test_appends_during_the_replay_are_sent_once():
+    service = one_node_service()
+    first = service.append([b"a", b"b", b"c"])
+    stream = service.subscribe(chain_pb2.SubscribeRequest())
+    events = [await anext(stream)]  # the genesis block: the replay is under way
+    assert kind(events[0]) == "block"
+    during = service.append([b"d", b"e"])  # in the pending store *and* queued as live events
+    while kind(events[-1]) != "caught_up":
+        events.append(await anext(stream))
+    after = service.append([b"f"])
+    events.append(await anext(stream))
+    await stream.aclose()
+
+    ids = [pending_id(e) for e in events if kind(e) == "pending"]
+    assert ids == first + during + after
+    caught_up = next(e.caught_up for e in events if kind(e) == "caught_up")
+    assert caught_up.last_pending_operation_id == during[-1] and caught_up.last_block_offset == 0
+
+
+async def test_resume_skips_what_the_subscriber_has():
+    service = one_node_service()
+    first = service.append([b"a", b"b"])
+    later = service.append([b"c"])
+    stream = service.subscribe(
+        chain_pb2.SubscribeRequest(has_from_block_offset=True, from_block_offset=0, from_pending_operation_id=first[-1])
+    )
+    events = [await anext(stream), await anext(stream)]
+    await stream.aclose()
+    assert [kind(e) for e in events] == ["pending", "caught_up"]
+    assert pending_id(events[0]) == later[0]
+
+
+async def test_a_subscriber_that_falls_behind_gets_a_discontinuity_and_the_stream_ends():
+    service = one_node_service(queue_len=3)
+    stream = service.subscribe(chain_pb2.SubscribeRequest())
+    while kind(await anext(stream)) != "caught_up":
+        pass
+    for i in range(4):
+        service.append([f"x{i}".encode()])
+    assert kind(await anext(stream)) == "discontinuity"
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+
+
+async def test_shutdown_ends_streams_with_unavailable():
+    service = one_node_service()
+    stream = service.subscribe(chain_pb2.SubscribeRequest())
+    while kind(await anext(stream)) != "caught_up":
+        pass
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    service.end_streams()
+    with pytest.raises(Unavailable):
+        await waiting
+
+
+async def test_blocks_committed_by_ticks_reach_subscribers_and_get_operations():
+    service = one_node_service()
+    stream = service.subscribe(chain_pb2.SubscribeRequest())
+    while kind(await anext(stream)) != "caught_up":
+        pass
+    ids = service.append([f"e{i}".encode() for i in range(12)])  # over the 10 that trigger a proposal
+    for _ in range(20):
+        service._time.advance(100 * NS_PER_MS)  # type: ignore[attr-defined]
+        service.engine.tick(service._time.now_ns())  # type: ignore[attr-defined]
+        service._after_input()
+    blocks = []
+    while True:
+        event = await asyncio.wait_for(anext(stream), 1)
+        if kind(event) == "block":
+            blocks.append(event.block)
+            break
+    await stream.aclose()
+    stored = service.get_operations(ids)
+    assert [s.status for s in stored] == [chain_pb2.OPERATION_STATUS_COMMITTED] * len(ids)
+    assert all(s.block_height == 2 for s in stored)
+    with pytest.raises(InvalidArgument):
+        service.append([])
