@@ -1,0 +1,497 @@
+"""A mutation index (SPEC 3.3-3.4): one tantivy document per indexed mutation.
+
+The store runs two: the pending index in RAM (`path=None`, documents without block offsets) and the chain
+index on disk. Both share one `IndexSchema` (and so one `QueryCompiler`).
+
+* `apply(ops)` adds / removes documents, commits once and reloads, so results are visible on return;
+* `search(query, count, offset)` runs `query`'s predicate, ordered by `query.ordering` (or the predicate's
+  default), ties broken by operation id (higher first when descending), and returns `MutationResults`:
+  raw BM25 scores (`SortKind.SCORE`) or fast field values (`UINT` / `INT`). Recency, pending-index and
+  reference boosts are the searcher's (`recency_boost` is here for it);
+* `fetch_entity_mutations(entity_id)`: every document of an entity, ascending operation id, de-duplicated,
+  LRU-cached (invalidated by writes touching the entity).
+
+Tantivy breaks ties by segment and document address, not by operation id. So that paging by offset is
+exact: for a fast-field ordering, when the page boundary cuts a run of equal values, the run is re-fetched
+ordered by operation id (`_resolve_boundary_ties`); for a score ordering, more hits are fetched until the run
+of scores equal to the boundary's is complete (up to `TIE_EXPANSION_CAP` hits: a constant-score query over
+many documents costs O(matches) under a score ordering).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tantivy
+
+from exocommon.errors import FailedPrecondition
+from exocore.store import query_pb2
+from exostore.query import CompiledQuery, QueryCompiler, terms_query
+from exostore.registry import TraitRegistry, type_name_from_url
+from exostore.schema import (
+    F_ALL_REFS,
+    F_ALL_TEXT,
+    F_BLOCK_OFFSET,
+    F_CREATION_DATE,
+    F_DOCUMENT_TYPE,
+    F_ENTITY_ID,
+    F_ENTITY_TRAIT_ID,
+    F_HAS_REFERENCE,
+    F_MODIFICATION_DATE,
+    F_OPERATION_ID,
+    F_TRAIT_ID,
+    F_TRAIT_TYPE,
+    IndexSchema,
+    ValueKind,
+    reference_text,
+)
+from exostore.types import (
+    DeleteOperationsOperation,
+    DocumentType,
+    EntityTombstoneMeta,
+    EntityTombstoneOperation,
+    IndexOperation,
+    MutationMetadata,
+    MutationResults,
+    MutationType,
+    PendingDeletionMeta,
+    PendingDeletionOperation,
+    PutTraitOperation,
+    SortKind,
+    SortValue,
+    TraitPutMeta,
+    TraitTombstoneMeta,
+    TraitTombstoneOperation,
+)
+
+log = logging.getLogger(__name__)
+
+NS_PER_DAY = 86_400 * 1_000_000_000
+RECENCY_OFFSET_DAYS = 15
+RECENCY_DECAY = 0.2
+RECENCY_SCALE_DAYS = 365
+ENTITY_MUTATIONS_LIMIT = 10_000
+REFRESH_INTERVAL = 1.0  # seconds between searcher reloads picking up background merges
+TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
+
+
+def recency_boost(now_ns: int, date_ns: int) -> float:
+    """SPEC 3.6: ``exp(ln(0.2)/365 × max(0, |days(now) − days(date)| − 15))``, days = whole days since the
+    epoch: 1.0 within 15 days, ≈0.214 at 365 days, ≈0.043 at 730 days."""
+    distance = max(0, abs(now_ns // NS_PER_DAY - date_ns // NS_PER_DAY) - RECENCY_OFFSET_DAYS)
+    return math.exp(math.log(RECENCY_DECAY) / RECENCY_SCALE_DAYS * distance)
+
+
+def _ts_ns(ts: object) -> int:
+    return max(0, ts.seconds * 1_000_000_000 + ts.nanos)  # type: ignore[attr-defined]
+
+
+_DOCUMENT_OPERATIONS = (PutTraitOperation, TraitTombstoneOperation, EntityTombstoneOperation, PendingDeletionOperation)
+_Meta = tuple[str, MutationType, int | None]  # entity id, mutation type, block offset
+
+
+def _meta_from_doc(doc: dict[str, list[object]]) -> _Meta:
+    def first(name: str, default: object) -> object:
+        values = doc.get(name)
+        return values[0] if values else default
+
+    entity_id = str(first(F_ENTITY_ID, ""))
+    block_offset = first(F_BLOCK_OFFSET, None)
+    doc_type = int(first(F_DOCUMENT_TYPE, DocumentType.TRAIT_PUT))  # type: ignore[call-overload]
+    mtype: MutationType
+    if doc_type == DocumentType.TRAIT_PUT:
+        created = int(first(F_CREATION_DATE, 0))  # type: ignore[call-overload]
+        modified = int(first(F_MODIFICATION_DATE, 0))  # type: ignore[call-overload]
+        mtype = TraitPutMeta(
+            trait_id=str(first(F_TRAIT_ID, "")),
+            trait_type=sys.intern(str(first(F_TRAIT_TYPE, ""))),
+            creation_date=created or None,
+            modification_date=modified or None,
+            has_reference=bool(first(F_HAS_REFERENCE, 0)),
+        )
+    elif doc_type == DocumentType.TRAIT_TOMBSTONE:
+        mtype = TraitTombstoneMeta(str(first(F_TRAIT_ID, "")))
+    elif doc_type == DocumentType.ENTITY_TOMBSTONE:
+        mtype = EntityTombstoneMeta()
+    else:
+        mtype = PendingDeletionMeta()
+    return entity_id, mtype, None if block_offset is None else int(block_offset)  # type: ignore[call-overload]
+
+
+class MutationIndex:
+    """One mutation index (pending: `path=None`, in RAM; chain: on disk at `path`)."""
+
+    def __init__(
+        self,
+        schema: IndexSchema | TraitRegistry,
+        path: Path | str | None = None,
+        *,
+        heap_size: int = 30_000_000,
+        num_threads: int = 2,
+        entity_cache_size: int = 5000,
+        metadata_cache_size: int = 100_000,
+    ) -> None:
+        self.schema = schema if isinstance(schema, IndexSchema) else IndexSchema(schema)
+        self.registry = self.schema.registry
+        self.compiler = compiler_for(self.schema)
+        self.path = Path(path) if path is not None else None
+        if self.path is None:
+            self._index = tantivy.Index(self.schema.tantivy_schema)
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self._index = tantivy.Index(self.schema.tantivy_schema, path=str(self.path), reuse=True)
+            except ValueError as exc:  # e.g. created with another pool size: the index must be rebuilt
+                raise FailedPrecondition(f"cannot open the mutation index at {self.path}: {exc}") from exc
+        self.schema.register_analyzers(self._index)
+        self._writer: tantivy.IndexWriter | None = self._index.writer(heap_size, num_threads)
+        self._write_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._generation = 0
+        self._entity_cache: OrderedDict[str, list[MutationMetadata]] = OrderedDict()
+        self._entity_cache_size = entity_cache_size
+        self._meta_cache: dict[int, _Meta] = {}
+        self._meta_cache_size = metadata_cache_size
+        self._highest_block: tuple[int, int | None] | None = None  # (generation, value)
+        self._index.reload()
+        self._searcher = self._index.searcher()
+        self._last_reload = time.monotonic()
+
+    def refresh(self) -> None:
+        """Reload the searcher so that segments merged in the background are used (fewer segments, faster
+        queries; same documents). `search` does it by itself at most every `REFRESH_INTERVAL` seconds."""
+        with self._cache_lock:
+            self._index.reload()
+            self._searcher = self._index.searcher()
+            self._last_reload = time.monotonic()
+
+    # --- writing --------------------------------------------------------------------------------------
+
+    def apply(self, ops: Sequence[IndexOperation]) -> int:
+        """Apply index operations in order (one commit), then make them visible to searches.
+
+        Returns the number of documents added plus the number removed by `DeleteOperationsOperation`s."""
+        if not ops:
+            return 0
+        with self._write_lock:
+            writer = self._writer
+            if writer is None:
+                raise FailedPrecondition("mutation index is closed")
+            touched: set[str] = set()
+            removed_ops: set[int] = set()
+            added_ops: dict[int, str] = {}
+            changed = 0
+            try:
+                for op in ops:
+                    if isinstance(op, DeleteOperationsOperation):
+                        ids = list(dict.fromkeys(op.operation_ids))
+                        if not ids:
+                            continue
+                        for _operation_id, meta in self._docs_for_operations(ids):
+                            touched.add(meta[0])
+                            changed += 1
+                        for operation_id in ids:
+                            if operation_id in added_ops:  # added earlier in this batch
+                                touched.add(added_ops.pop(operation_id))
+                                changed += 1
+                        # (delete_documents_by_term silently misses u64 fields given a Python int)
+                        writer.delete_documents_by_query(
+                            tantivy.Query.term_set_query(self.schema.tantivy_schema, F_OPERATION_ID, ids)
+                        )
+                        removed_ops.update(ids)
+                        continue
+                    writer.add_document(self._document(op))
+                    added_ops[op.operation_id] = op.entity_id
+                    touched.add(op.entity_id)
+                    changed += 1
+                writer.commit()
+            except BaseException:
+                writer.rollback()  # nothing of a failed batch stays pending in the writer
+                raise
+            with self._cache_lock:
+                self._index.reload()
+                self._searcher = self._index.searcher()
+                self._last_reload = time.monotonic()
+                self._generation += 1
+                for entity_id in touched:
+                    self._entity_cache.pop(entity_id, None)
+                for operation_id in removed_ops:
+                    self._meta_cache.pop(operation_id, None)
+            return changed
+
+    def _docs_for_operations(self, operation_ids: list[int]) -> list[tuple[int, _Meta]]:
+        searcher = self._searcher
+        query = terms_query(self.schema, F_OPERATION_ID, operation_ids)
+        hits = searcher.search(query, max(1, 2 * len(operation_ids)), count=False, order_by_field=F_OPERATION_ID).hits
+        return [(int(value), self._meta(searcher, int(value), addr)) for value, addr in hits]
+
+    def _document(self, op: IndexOperation) -> tantivy.Document:
+        if not isinstance(op, _DOCUMENT_OPERATIONS):
+            raise TypeError(f"not an index operation: {op!r}")
+        doc = tantivy.Document()
+        doc.add_text(F_ENTITY_ID, op.entity_id)
+        doc.add_unsigned(F_OPERATION_ID, op.operation_id)
+        block_offset = getattr(op, "block_offset", None)
+        if block_offset is not None:
+            doc.add_unsigned(F_BLOCK_OFFSET, block_offset)
+        if isinstance(op, PutTraitOperation):
+            self._put_fields(doc, op)
+            return doc
+        doc.add_unsigned(F_CREATION_DATE, 0)
+        doc.add_unsigned(F_MODIFICATION_DATE, 0)
+        doc.add_unsigned(F_HAS_REFERENCE, 0)
+        if isinstance(op, TraitTombstoneOperation):
+            doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.TRAIT_TOMBSTONE)
+            doc.add_text(F_TRAIT_ID, op.trait_id)
+            doc.add_text(F_ENTITY_TRAIT_ID, f"{op.entity_id}_{op.trait_id}")
+        elif isinstance(op, EntityTombstoneOperation):
+            doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.ENTITY_TOMBSTONE)
+        else:
+            doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.PENDING_DELETION)
+        return doc
+
+    def _put_fields(self, doc: tantivy.Document, op: PutTraitOperation) -> None:
+        trait = op.trait
+        doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.TRAIT_PUT)
+        doc.add_text(F_TRAIT_ID, trait.id)
+        doc.add_text(F_ENTITY_TRAIT_ID, f"{op.entity_id}_{trait.id}")
+        doc.add_unsigned(F_CREATION_DATE, _ts_ns(trait.creation_date) if trait.HasField("creation_date") else 0)
+        doc.add_unsigned(
+            F_MODIFICATION_DATE, _ts_ns(trait.modification_date) if trait.HasField("modification_date") else 0
+        )
+        has_reference = 0
+        type_name = type_name_from_url(trait.message.type_url) if trait.HasField("message") else ""
+        if type_name:
+            doc.add_text(F_TRAIT_TYPE, type_name)
+            mapping = self.schema.mapping(type_name)
+            message = self.registry.unpack_trait(trait.message) if mapping is not None and mapping.fields else None
+            if message is not None and mapping is not None:
+                for mapped, value in mapping.values(message):
+                    kind = mapped.value_kind
+                    if kind is ValueKind.TEXT:
+                        doc.add_text(mapped.name, value)  # type: ignore[arg-type]
+                        doc.add_text(F_ALL_TEXT, value)  # type: ignore[arg-type]
+                    elif kind is ValueKind.STRING:
+                        doc.add_text(mapped.name, value)  # type: ignore[arg-type]
+                    elif kind is ValueKind.REFERENCE:
+                        text = reference_text(*value)  # type: ignore[misc]
+                        doc.add_text(mapped.name, text)
+                        doc.add_text(F_ALL_REFS, text)
+                        has_reference = 1
+                    elif mapped.kind.is_signed:
+                        doc.add_integer(mapped.name, value)  # type: ignore[arg-type]
+                    else:
+                        doc.add_unsigned(mapped.name, value)  # type: ignore[arg-type]
+        doc.add_unsigned(F_HAS_REFERENCE, has_reference)
+
+    def close(self) -> None:
+        """Wait for background merges and release the writer (the index stays searchable)."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.wait_merging_threads()
+                self._writer = None
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    def compile(self, query: query_pb2.EntityQuery) -> CompiledQuery:
+        return self.compiler.compile(query)
+
+    def search(
+        self, query: query_pb2.EntityQuery, count: int, offset: int = 0, compiled: CompiledQuery | None = None
+    ) -> MutationResults:
+        """Matching documents `offset .. offset+count` in the query's ordering (see the module doc)."""
+        compiled = compiled or self.compiler.compile(query)
+        if time.monotonic() - self._last_reload > REFRESH_INTERVAL:
+            self.refresh()
+        searcher = self._searcher
+        count, offset = max(0, count), max(0, offset)
+        window = offset + count
+        field = compiled.sort_field
+        if field is None:
+            rows, total = self._search_by_score(searcher, compiled, offset, window)
+        else:
+            rows, total = self._search_by_field(searcher, compiled, field, offset, window)
+        kind = compiled.sort_kind
+        cache = self._meta_cache
+        mutations = []
+        for value, operation_id, addr in rows:
+            meta = cache.get(operation_id) or self._meta(searcher, operation_id, addr)
+            sort_value = SortValue(kind, value, operation_id)
+            mutations.append(MutationMetadata(operation_id, meta[2], meta[0], meta[1], sort_value))
+        return MutationResults(mutations, total)
+
+    def _search_by_score(
+        self, searcher: tantivy.Searcher, compiled: CompiledQuery, offset: int, window: int
+    ) -> tuple[list[tuple[float, int, tantivy.DocAddress]], int]:
+        """Rows `offset..window` (score, operation id, address) ordered by score then operation id."""
+        query = compiled.query
+        if compiled.ascending:  # worst first: every match is needed
+            total = searcher.search(query, 1, count=True).count
+            hits = searcher.search(query, max(1, total), count=False).hits
+        else:
+            # tantivy breaks score ties by document address: fetch more until the run of scores equal to the
+            # page boundary's is complete, so that ties are ordered by operation id (exact paging by offset)
+            limit = window + 1  # one more than needed: tells whether the boundary's run goes on
+            while True:
+                result = searcher.search(query, limit, count=True)
+                hits, total = result.hits, result.count
+                if window == 0 or len(hits) < limit or len(hits) >= total or limit >= TIE_EXPANSION_CAP:
+                    break
+                if hits[-1][0] != hits[window - 1][0]:
+                    break
+                limit = min(total, max(limit * 4, window + 1000), TIE_EXPANSION_CAP)
+        if not hits or offset >= len(hits):
+            return [], total
+        addrs = [addr for _, addr in hits]
+        op_ids = searcher.fast_field_values(F_OPERATION_ID, addrs)
+        if compiled.ascending:
+            keys = [(score, op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
+        else:
+            keys = [(-score, -op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
+        keys.sort()
+        return [(hits[i][0], op_ids[i], addrs[i]) for _, _, i in keys[offset:window]], total
+
+    def _search_by_field(
+        self, searcher: tantivy.Searcher, compiled: CompiledQuery, field: str, offset: int, window: int
+    ) -> tuple[list[tuple[int, int, tantivy.DocAddress]], int]:
+        """Rows `offset..window` (field value, operation id, address) ordered by value then operation id."""
+        order = tantivy.Order.Asc if compiled.ascending else tantivy.Order.Desc
+        result = searcher.search(compiled.query, max(1, window), count=True, order_by_field=field, order=order)
+        total = result.count
+        hits = result.hits
+        if not hits or offset >= len(hits):
+            return [], total
+        if field == F_OPERATION_ID:
+            return [(v, v, addr) for v, addr in hits[offset:window]], total
+        op_ids = searcher.fast_field_values(F_OPERATION_ID, [addr for _, addr in hits])
+        raw = list(zip((v for v, _ in hits), op_ids, (addr for _, addr in hits), strict=True))
+        if len(hits) >= window and total > len(hits):
+            raw = self._resolve_boundary_ties(searcher, compiled, field, order, raw)
+        # documents without the field come last in both directions, as tantivy orders them
+        if compiled.ascending:
+            keys = [(v is None, v or 0, op, i) for i, (v, op, _) in enumerate(raw)]
+        else:
+            keys = [(v is None, -(v or 0), -op, i) for i, (v, op, _) in enumerate(raw)]
+        keys.sort()
+        rows = []
+        for key in keys[offset:window]:
+            value, op, addr = raw[key[3]]
+            rows.append((0 if value is None else value, op, addr))
+        return rows, total
+
+    def _resolve_boundary_ties(
+        self,
+        searcher: tantivy.Searcher,
+        compiled: CompiledQuery,
+        field: str,
+        order: tantivy.Order,
+        rows: list[tuple[int | None, int, tantivy.DocAddress]],
+    ) -> list[tuple[int | None, int, tantivy.DocAddress]]:
+        """Replace the rows holding the boundary (last) value by the best of *all* the matches holding it,
+        by operation id, so that a page boundary cutting a run of equal values is exact."""
+        boundary = rows[-1][0]
+        kept = [r for r in rows if r[0] != boundary]
+        needed = len(rows) - len(kept)
+        if boundary is None:
+            same = tantivy.Query.exists_query(field)
+            clauses = [(tantivy.Occur.Must, compiled.query), (tantivy.Occur.MustNot, same)]
+        else:
+            same = tantivy.Query.term_query(self.schema.tantivy_schema, field, int(boundary))
+            clauses = [(tantivy.Occur.Must, compiled.query), (tantivy.Occur.Must, same)]
+        ties = searcher.search(
+            tantivy.Query.boolean_query(clauses), needed, count=False, order_by_field=F_OPERATION_ID, order=order
+        ).hits
+        return kept + [(boundary, int(op), addr) for op, addr in ties]
+
+    def _meta(self, searcher: tantivy.Searcher, operation_id: int, addr: tantivy.DocAddress) -> _Meta:
+        meta = self._meta_cache.get(operation_id)
+        if meta is None:
+            meta = _meta_from_doc(searcher.doc(addr).to_dict())
+            cache = self._meta_cache
+            if len(cache) >= self._meta_cache_size:  # drop the oldest tenth
+                try:
+                    for key in list(itertools.islice(cache, max(1, self._meta_cache_size // 10))):
+                        cache.pop(key, None)
+                except RuntimeError:  # pragma: no cover - resized by another thread
+                    pass
+            cache[operation_id] = meta
+        return meta
+
+    def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]:
+        """Every document of `entity_id`, ascending operation id, one per operation id (cached)."""
+        with self._cache_lock:
+            cached = self._entity_cache.get(entity_id)
+            if cached is not None:
+                self._entity_cache.move_to_end(entity_id)
+                return list(cached)
+            generation = self._generation
+            searcher = self._searcher
+        query = tantivy.Query.term_query(self.schema.tantivy_schema, F_ENTITY_ID, entity_id)
+        hits = searcher.search(
+            query, ENTITY_MUTATIONS_LIMIT, count=False, order_by_field=F_OPERATION_ID, order=tantivy.Order.Asc
+        ).hits
+        mutations: list[MutationMetadata] = []
+        last = -1
+        for value, addr in hits:
+            operation_id = int(value)
+            if operation_id == last:
+                continue
+            last = operation_id
+            entity, mtype, block_offset = self._meta(searcher, operation_id, addr)
+            sort_value = SortValue(SortKind.UINT, operation_id, operation_id)
+            mutations.append(MutationMetadata(operation_id, block_offset, entity, mtype, sort_value))
+        with self._cache_lock:
+            if generation == self._generation:
+                self._entity_cache[entity_id] = mutations
+                if len(self._entity_cache) > self._entity_cache_size:
+                    self._entity_cache.popitem(last=False)
+        return list(mutations)
+
+    def operation_ids_for_entity(self, entity_id: str) -> list[int]:
+        return [m.operation_id for m in self.fetch_entity_mutations(entity_id)]
+
+    def highest_indexed_block(self) -> int | None:
+        """Highest `block_offset` of any document (None if no document has one, e.g. the pending index)."""
+        with self._cache_lock:
+            generation, searcher, cached = self._generation, self._searcher, self._highest_block
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        hits = searcher.search(
+            tantivy.Query.exists_query(F_BLOCK_OFFSET), 1, count=False, order_by_field=F_BLOCK_OFFSET
+        ).hits
+        value = int(hits[0][0]) if hits and hits[0][0] is not None else None
+        with self._cache_lock:
+            self._highest_block = (generation, value)
+        return value
+
+    def count(self) -> int:
+        """Number of documents in the index."""
+        return int(self._searcher.num_docs)
+
+    def entity_ids(self, operation_ids: Iterable[int]) -> dict[int, str]:
+        """operation id -> entity id of the documents holding them (missing ids are absent)."""
+        ids = list(dict.fromkeys(operation_ids))
+        if not ids:
+            return {}
+        return {op: meta[0] for op, meta in self._docs_for_operations(ids)}
+
+
+_COMPILERS_LOCK = threading.Lock()
+
+
+def compiler_for(schema: IndexSchema) -> QueryCompiler:
+    """The `QueryCompiler` shared by every index of `schema` (kept on the schema)."""
+    with _COMPILERS_LOCK:
+        compiler = schema.query_compiler
+        if not isinstance(compiler, QueryCompiler):
+            compiler = QueryCompiler(schema)
+            schema.query_compiler = compiler
+        return compiler

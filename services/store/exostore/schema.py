@@ -1,0 +1,379 @@
+"""The mutation index schema (SPEC 3.4): fixed fields, dynamic field pools and per-trait-type mappings.
+
+Every document of a mutation index (pending or chain) has the fixed fields below, plus the trait's flagged
+fields mapped onto pools of generic fields, one pool per kind (`references_N`, `text_N`, `string_N`, `i64_N`,
+`i64_fast_N`, `u64_N`, `u64_fast_N`, N < pool size, 10 by default).
+
+Mapping of one trait type (`TraitMapping`), fixing the original's non-determinism (SPEC 11 item 8):
+
+* fields are walked in **field-number order**; a message-typed field flagged `indexed`/`sorted`/`text` on the
+  parent is recursed into (again in field-number order) and its flagged sub-fields are named `parent.child`
+  and take slots from the *top-level* type's counters. The same descriptors therefore always give the same
+  mapping, whatever order the types were registered in, and nothing needs to be persisted;
+* kinds: string `text` -> text (also copied to `all_text`); string `indexed`/`sorted` -> string (exact);
+  int32/int64/sint/sfixed/enum -> i64 (`sorted`: i64_fast); uint32/uint64/fixed/bool and
+  `google.protobuf.Timestamp` (ns since the epoch) -> u64 (`sorted`: u64_fast); `exocore.store.Reference`
+  -> references (also copied to `all_refs`, sets `has_reference`);
+* repeated / map / float / bytes fields and pool exhaustion are skipped with a log line.
+
+Values: strings are indexed when non-empty; scalars without presence are indexed even when 0 (proto3: unset
+== 0, so `uint1 < 5` matches traits that never set it); fields with presence (oneof, `optional`) and
+Timestamps only when set, except that a `sorted` Timestamp always gets a value (0 when unset) so that sorting
+is total. Dates before the epoch are clamped to 0.
+
+Tokenization:
+
+* `all_text`, `text_N`: analyzer `exo_text` = tantivy's default (split on non-alphanumerics, drop tokens of
+  40 bytes or more, lowercase); `text_analyzer()` gives the same analyzer for queries;
+* `all_refs`, `references_N`: analyzer `exo_ref`, which only splits on spaces; a reference is indexed as the
+  two tokens `entity<id>` and `trait<id>` with ids escaped by `ref_escape` (`%` -> `%25`, space -> `%20`), so
+  ids containing `-`, `_` or any other character match exactly (the original split them, SPEC 3.4 Quirk);
+* `trait_type`, `entity_id`, `trait_id`, `entity_trait_id`, `string_N`: exact terms (`raw`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import tantivy
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from exocore.store import options_pb2
+from exostore.registry import TraitRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POOL_SIZE = 10
+TEXT_ANALYZER = "exo_text"
+REF_ANALYZER = "exo_ref"
+MAX_NESTING = 8
+
+TIMESTAMP_TYPE = "google.protobuf.Timestamp"
+REFERENCE_TYPE = "exocore.store.Reference"
+
+# fixed fields
+F_TRAIT_TYPE = "trait_type"
+F_ENTITY_ID = "entity_id"
+F_TRAIT_ID = "trait_id"
+F_ENTITY_TRAIT_ID = "entity_trait_id"
+F_CREATION_DATE = "creation_date"
+F_MODIFICATION_DATE = "modification_date"
+F_BLOCK_OFFSET = "block_offset"
+F_OPERATION_ID = "operation_id"
+F_DOCUMENT_TYPE = "document_type"
+F_ALL_TEXT = "all_text"
+F_ALL_REFS = "all_refs"
+F_HAS_REFERENCE = "has_reference"
+
+U64_MAX = 2**64 - 1
+I64_MIN = -(2**63)
+I64_MAX = 2**63 - 1
+
+
+class FieldKind(enum.Enum):
+    """A dynamic field pool; the value is the physical field name prefix."""
+
+    REFERENCES = "references"
+    TEXT = "text"
+    STRING = "string"
+    I64 = "i64"
+    I64_FAST = "i64_fast"
+    U64 = "u64"
+    U64_FAST = "u64_fast"
+
+    @property
+    def is_fast(self) -> bool:
+        return self in _FAST_KINDS
+
+    @property
+    def is_signed(self) -> bool:
+        return self in _SIGNED_KINDS
+
+    @property
+    def is_numeric(self) -> bool:
+        return self in _NUMERIC_KINDS
+
+
+_FAST_KINDS = frozenset({FieldKind.I64_FAST, FieldKind.U64_FAST})
+_SIGNED_KINDS = frozenset({FieldKind.I64, FieldKind.I64_FAST})
+_NUMERIC_KINDS = frozenset({FieldKind.I64, FieldKind.I64_FAST, FieldKind.U64, FieldKind.U64_FAST})
+
+
+class ValueKind(enum.Enum):
+    """What a mapped proto field holds (several value kinds share a pool kind)."""
+
+    TEXT = "text"
+    STRING = "string"
+    INT = "int"
+    UINT = "uint"
+    BOOL = "bool"
+    TIMESTAMP = "timestamp"
+    REFERENCE = "reference"
+
+
+@dataclass(frozen=True, slots=True)
+class MappedField:
+    """One indexed field of a trait type."""
+
+    path: str  # dotted field path, e.g. "struct1.string1"
+    kind: FieldKind
+    name: str  # physical index field, e.g. "text_0"
+    sorted: bool
+    value_kind: ValueKind
+    descriptors: tuple[FieldDescriptor, ...]  # top-level field first, leaf last
+    has_presence: bool = False
+
+    @property
+    def attrs(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.descriptors)
+
+
+@dataclass(frozen=True, slots=True)
+class TraitMapping:
+    """The index mapping of one message type: field path -> mapped field, in walk order."""
+
+    full_name: str
+    fields: dict[str, MappedField]
+    text_fields: tuple[MappedField, ...] = field(default=())
+    reference_fields: tuple[MappedField, ...] = field(default=())
+
+    def resolve(self, path: str) -> list[MappedField]:
+        """Mapped fields equal to `path` or under it (`struct1` -> `struct1.string1`); empty if none."""
+        exact = self.fields.get(path)
+        if exact is not None:
+            return [exact]
+        prefix = path + "."
+        return [f for p, f in self.fields.items() if p.startswith(prefix)]
+
+    def describe(self) -> dict[str, tuple[str, str, bool]]:
+        """path -> (kind, physical name, sorted): a comparable summary (tests, debugging)."""
+        return {p: (f.kind.value, f.name, f.sorted) for p, f in self.fields.items()}
+
+    def values(self, message: Message) -> Iterator[tuple[MappedField, str | int | tuple[str, str]]]:
+        """Indexable values of `message` (see the module doc for which values are indexed). References are
+        returned as (entity_id, trait_id); Timestamps as ns since the epoch; bools as 0/1."""
+        for mapped in self.fields.values():
+            value = _extract(message, mapped)
+            if value is not None:
+                yield mapped, value
+
+
+def _extract(message: Message, mapped: MappedField) -> str | int | tuple[str, str] | None:
+    current = message
+    descriptors = mapped.descriptors
+    for parent in descriptors[:-1]:
+        if not current.HasField(parent.name):
+            return None
+        current = getattr(current, parent.name)
+    leaf = descriptors[-1].name
+    kind = mapped.value_kind
+    if kind is ValueKind.TIMESTAMP:
+        if not current.HasField(leaf):
+            return 0 if mapped.sorted else None
+        ts = getattr(current, leaf)
+        return max(0, ts.seconds * 1_000_000_000 + ts.nanos)
+    if kind is ValueKind.REFERENCE:
+        if not current.HasField(leaf):
+            return None
+        ref = getattr(current, leaf)
+        if not ref.entity_id:
+            return None
+        return (ref.entity_id, ref.trait_id)
+    if mapped.has_presence and not current.HasField(leaf):
+        return None
+    value = getattr(current, leaf)
+    if kind is ValueKind.TEXT or kind is ValueKind.STRING:
+        return value or None
+    return int(value)
+
+
+_SIGNED_TYPES = {
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_SFIXED32,
+    FieldDescriptor.TYPE_SFIXED64,
+    FieldDescriptor.TYPE_ENUM,
+}
+_UNSIGNED_TYPES = {
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_FIXED32,
+    FieldDescriptor.TYPE_FIXED64,
+}
+
+
+def _flags(fd: FieldDescriptor) -> tuple[bool, bool, bool]:
+    opts = fd.GetOptions()
+    ext = opts.Extensions
+    return bool(ext[options_pb2.indexed]), bool(ext[options_pb2.sorted]), bool(ext[options_pb2.text])
+
+
+def build_mapping(desc: Descriptor, pool_size: int = DEFAULT_POOL_SIZE) -> TraitMapping:
+    """Deterministic mapping of `desc`'s flagged fields onto the pools (see the module doc)."""
+    counters: dict[FieldKind, int] = dict.fromkeys(FieldKind, 0)
+    fields: dict[str, MappedField] = {}
+
+    def assign(
+        kind: FieldKind, path: str, sorted_: bool, value_kind: ValueKind, chain: tuple[FieldDescriptor, ...]
+    ) -> None:
+        n = counters[kind]
+        if n >= pool_size:
+            log.error("%s.%s not indexed: no %s field left (pool size %d)", desc.full_name, path, kind.value, pool_size)
+            return
+        counters[kind] = n + 1
+        leaf = chain[-1]
+        presence = bool(leaf.has_presence) and leaf.type != FieldDescriptor.TYPE_MESSAGE
+        fields[path] = MappedField(path, kind, f"{kind.value}_{n}", sorted_, value_kind, chain, presence)
+
+    def walk(message: Descriptor, prefix: str, chain: tuple[FieldDescriptor, ...], seen: tuple[str, ...]) -> None:
+        for fd in sorted(message.fields, key=lambda f: f.number):
+            indexed, sorted_, text = _flags(fd)
+            if not (indexed or sorted_ or text):
+                continue
+            path = prefix + fd.name
+            here = (*chain, fd)
+            if fd.is_repeated:
+                log.error("%s.%s not indexed: repeated and map fields are not supported", desc.full_name, path)
+                continue
+            ftype = fd.type
+            if ftype == FieldDescriptor.TYPE_MESSAGE:
+                sub = fd.message_type
+                if sub.full_name == TIMESTAMP_TYPE:
+                    assign(FieldKind.U64_FAST if sorted_ else FieldKind.U64, path, sorted_, ValueKind.TIMESTAMP, here)
+                elif sub.full_name == REFERENCE_TYPE:
+                    assign(FieldKind.REFERENCES, path, False, ValueKind.REFERENCE, here)
+                elif sub.full_name in seen or len(seen) >= MAX_NESTING:
+                    log.error("%s.%s not indexed: recursive or too deep message", desc.full_name, path)
+                else:
+                    walk(sub, path + ".", here, (*seen, sub.full_name))
+            elif ftype == FieldDescriptor.TYPE_STRING:
+                if text:
+                    assign(FieldKind.TEXT, path, False, ValueKind.TEXT, here)
+                else:
+                    assign(FieldKind.STRING, path, False, ValueKind.STRING, here)
+            elif ftype in _SIGNED_TYPES:
+                assign(FieldKind.I64_FAST if sorted_ else FieldKind.I64, path, sorted_, ValueKind.INT, here)
+            elif ftype in _UNSIGNED_TYPES:
+                assign(FieldKind.U64_FAST if sorted_ else FieldKind.U64, path, sorted_, ValueKind.UINT, here)
+            elif ftype == FieldDescriptor.TYPE_BOOL:
+                assign(FieldKind.U64_FAST if sorted_ else FieldKind.U64, path, sorted_, ValueKind.BOOL, here)
+            else:
+                log.error("%s.%s not indexed: unsupported field type %d", desc.full_name, path, ftype)
+
+    walk(desc, "", (), (desc.full_name,))
+    return TraitMapping(
+        full_name=desc.full_name,
+        fields=fields,
+        text_fields=tuple(f for f in fields.values() if f.value_kind is ValueKind.TEXT),
+        reference_fields=tuple(f for f in fields.values() if f.value_kind is ValueKind.REFERENCE),
+    )
+
+
+def ref_escape(value: str) -> str:
+    """Escape an id for a reference token (deterministic; used for indexing and querying)."""
+    return value.replace("%", "%25").replace(" ", "%20")
+
+
+def entity_token(entity_id: str) -> str:
+    return "entity" + ref_escape(entity_id)
+
+
+def trait_token(trait_id: str) -> str:
+    return "trait" + ref_escape(trait_id)
+
+
+def reference_text(entity_id: str, trait_id: str) -> str:
+    """What a reference adds to `all_refs` / `references_N`: ``entity<id> trait<id>``."""
+    return f"{entity_token(entity_id)} {trait_token(trait_id)}"
+
+
+def text_analyzer() -> tantivy.TextAnalyzer:
+    """Tantivy's default analyzer: split on non-alphanumerics, drop tokens >= 40 bytes, lowercase."""
+    return (
+        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
+        .filter(tantivy.Filter.remove_long(40))
+        .filter(tantivy.Filter.lowercase())
+        .build()
+    )
+
+
+def ref_analyzer() -> tantivy.TextAnalyzer:
+    return tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.regex(r"[^ ]+")).build()
+
+
+def _build_tantivy_schema(pool_size: int) -> tantivy.Schema:
+    sb = tantivy.SchemaBuilder()
+    for name in (F_TRAIT_TYPE, F_ENTITY_ID, F_TRAIT_ID):
+        sb.add_text_field(name, stored=True, tokenizer_name="raw", index_option="basic")
+    sb.add_text_field(F_ENTITY_TRAIT_ID, tokenizer_name="raw", index_option="basic")
+    for name in (F_CREATION_DATE, F_MODIFICATION_DATE, F_BLOCK_OFFSET, F_OPERATION_ID, F_DOCUMENT_TYPE):
+        sb.add_unsigned_field(name, stored=True, indexed=True, fast=True)
+    sb.add_unsigned_field(F_HAS_REFERENCE, stored=True, indexed=True, fast=True)
+    sb.add_text_field(F_ALL_TEXT, tokenizer_name=TEXT_ANALYZER)
+    sb.add_text_field(F_ALL_REFS, tokenizer_name=REF_ANALYZER)
+    for n in range(pool_size):
+        sb.add_text_field(f"{FieldKind.REFERENCES.value}_{n}", tokenizer_name=REF_ANALYZER)
+        sb.add_text_field(f"{FieldKind.TEXT.value}_{n}", tokenizer_name=TEXT_ANALYZER)
+        sb.add_text_field(f"{FieldKind.STRING.value}_{n}", tokenizer_name="raw", index_option="basic")
+        sb.add_integer_field(f"{FieldKind.I64.value}_{n}", indexed=True)
+        sb.add_integer_field(f"{FieldKind.I64_FAST.value}_{n}", indexed=True, fast=True)
+        sb.add_unsigned_field(f"{FieldKind.U64.value}_{n}", indexed=True)
+        sb.add_unsigned_field(f"{FieldKind.U64_FAST.value}_{n}", indexed=True, fast=True)
+    return sb.build()
+
+
+class IndexSchema:
+    """The tantivy schema of a mutation index plus the trait mappings of a registry.
+
+    Build one per registry and share it between the pending and the chain index: compiled queries are
+    bound to its tantivy schema. Mappings are computed once per type and cached (a registered type never
+    changes); unknown types are re-checked when the registry's version changes.
+    """
+
+    def __init__(self, registry: TraitRegistry, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        self.registry = registry
+        self.pool_size = pool_size
+        self.tantivy_schema = _build_tantivy_schema(pool_size)
+        self.text_analyzer = text_analyzer()
+        self._mappings: dict[str, TraitMapping] = {}
+        self._unknown: set[str] = set()
+        self._unknown_version = registry.version
+        self._lock = threading.Lock()
+        self.query_compiler: object | None = None  # the shared `query.QueryCompiler`, set by `compiler_for`
+
+    def register_analyzers(self, index: tantivy.Index) -> None:
+        """Register the custom analyzers the schema refers to on an index (needed for each opened index)."""
+        index.register_tokenizer(TEXT_ANALYZER, text_analyzer())
+        index.register_tokenizer(REF_ANALYZER, ref_analyzer())
+
+    def mapping(self, full_name: str) -> TraitMapping | None:
+        """The mapping of a registered message type, None if the registry does not know it."""
+        mapping = self._mappings.get(full_name)
+        if mapping is not None:
+            return mapping
+        if self._unknown_version != self.registry.version:
+            self._unknown.clear()
+            self._unknown_version = self.registry.version
+        if full_name in self._unknown:
+            return None
+        desc = self.registry.message_descriptor(full_name)
+        with self._lock:
+            if desc is None:
+                self._unknown.add(full_name)
+                return None
+            mapping = self._mappings.get(full_name)
+            if mapping is None:
+                mapping = build_mapping(desc, self.pool_size)
+                self._mappings[full_name] = mapping
+        return mapping
+
+    def analyze(self, text: str) -> list[str]:
+        """Tokens of `text` as the text fields index them."""
+        return list(self.text_analyzer.analyze(text))

@@ -1,0 +1,688 @@
+"""Entity-level search (SPEC 3.7) over the two mutation indices.
+
+`EntitySearcher.search(query)` runs the query on the chain and the pending index (any pair of objects
+satisfying `MutationSource`), merges both streams of matching mutations by ordering value (chain first on
+ties), walks them keeping one result per entity (its best-ranked active mutation), pages by ordering value,
+selects the top `count` with the "negatively re-scored top-N" algorithm, hashes the page and loads the
+trait payloads through a `TraitFetcher` callback.
+
+Ordering values:
+
+* the ordering is resolved once by `effective_ordering` (predicate defaults, `sort:` in query strings)
+  and sent to both sources explicitly, so the sources never guess it;
+* ``score``: the sources return **raw** relevance scores. Unless ``no_recency_boost``, this module
+  multiplies each by ``recency(d)`` (d = the put's explicit modification date, else the operation time)
+  and by `pending_index_boost` (5.0) for pending-index matches, then re-sorts each source's stream. Unless
+  ``no_reference_boost``, the score of an entity without any reference is × 0.3 (÷ 0.3 when ascending).
+  Scores are rounded to 32-bit floats (the wire type), so a value sent back as a paging bound compares
+  exactly;
+* ``operation_id`` / ``created_at`` / ``updated_at`` / ``field``: the source's u64 value as ``uint64``;
+  a signed (`SortKind.INT`) value is mapped order-preservingly to ``value + 2**63`` (the original could
+  not sort by signed fields at all);
+* ties are broken by operation id; `compare_ordering_values` implements the proto comparison
+  (``min`` < anything < ``max``, different kinds incomparable).
+
+Differences from the original, on purpose:
+
+* `next_page` is absent when the page is empty **or partial** (fewer than `count` results): a partial
+  page is the last one (SPEC 11 item 7 calls the original's behaviour a bug);
+* when the results hash equals a non-zero `result_hash`, `skipped_hash` is set and **no entities** are
+  returned (the original returned entity shells; the proto says empty). 0 means "no hash" (proto3
+  default), so an empty page is never reported as skipped;
+* traits are ordered by trait id (the original's order was a hash map's, SPEC 11 item 9);
+* the iteration cap per index (`max_pages` × `page_size`, default 5 × 1000 as the original) is a
+  constructor parameter; ``max_pages=None`` removes it;
+* with recency boosting the cap selects each index's best mutations by raw score (the original capped
+  after boosting);
+* entities flagged for GC are reported to the `gc_flagger` callback once per search; an entity whose
+  aggregation says `should_collect` is flagged when it is returned, even if the page was skipped by hash.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from google.protobuf.descriptor_pool import DescriptorPool
+
+from exocommon.clock import timestamp_to_proto
+from exocommon.errors import InvalidArgument
+from exocommon.hashing import crc64_of_u64s
+from exocore.store import entity_pb2, query_pb2
+from exostore.aggregator import EntityAggregator, TraitAggregator
+from exostore.projection import find_projection, project_trait_fields
+from exostore.types import MutationMetadata, MutationResults, SortKind, TraitPutMeta
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_COUNT = 10
+ITERATOR_PAGE_SIZE = 1000
+ITERATOR_MAX_PAGES = 5
+PENDING_INDEX_BOOST = 5.0
+REFERENCE_PENALTY = 0.3
+RECENCY_OFFSET_DAYS = 15.0
+RECENCY_SCALE_DAYS = 365.0
+RECENCY_DECAY = 0.2
+NS_PER_DAY = 86_400 * 1_000_000_000
+_INT_BIAS = 1 << 63
+_U32_MAX = 0xFFFF_FFFF
+
+
+# --- what the searcher needs from the rest of the store ----------------------------------------------------
+
+
+class MutationSource(Protocol):
+    """One mutation index (pending or chain), as the searcher uses it.
+
+    `search` returns the documents matching `query`'s predicate, ordered by `query.ordering` (always set by
+    the searcher: value and direction; ties by operation id, higher first when descending), skipping the
+    first `offset` and returning at most `count`; `total` counts every matching document. `query.paging`
+    is cleared: it is the entity-level paging, not the index's. For a ``score`` ordering, `sort_value` is
+    the raw relevance score (`SortKind.SCORE`) **without** recency or index boost (the searcher applies
+    them); otherwise it is the u64 sort field (`SortKind.UINT`; operation id, explicit date in ns or 0, or
+    the sorted field; `SortKind.INT` for signed fields). `sort_value.operation_id` is the document's
+    operation id. Query errors are raised (e.g. `InvalidArgument`).
+
+    `fetch_entity_mutations` returns every document of that entity in this index (any order).
+    """
+
+    def search(self, query: query_pb2.EntityQuery, count: int, offset: int) -> MutationResults: ...
+
+    def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]: ...
+
+
+TraitFetcher = Callable[[int, int | None], tuple[str, entity_pb2.Trait] | None]
+"""(operation_id, block_offset or None if pending) -> (entity id, trait) of that put, or None if missing."""
+
+GcFlagger = Callable[[EntityAggregator], None]
+"""Receives entities that may have something to garbage collect (deleted, stale match, `should_collect`)."""
+
+
+# --- ordering values ----------------------------------------------------------------------------------------
+
+_OV = tuple[str, float | int, int]  # (kind: "float"|"uint64"|"date"|"min"|"max"|"", value, operation_id)
+
+
+def _ov_from_proto(value: query_pb2.OrderingValue) -> _OV:
+    kind = value.WhichOneof("value") or ""
+    if kind == "float":
+        return ("float", value.float, value.operation_id)
+    if kind == "uint64":
+        return ("uint64", value.uint64, value.operation_id)
+    if kind == "date":
+        return ("date", value.date.seconds * 1_000_000_000 + value.date.nanos, value.operation_id)
+    return (kind, 0, value.operation_id)
+
+
+def _ov_to_proto(value: _OV) -> query_pb2.OrderingValue:
+    kind, primary, op_id = value
+    result = query_pb2.OrderingValue(operation_id=op_id)
+    if kind == "float":
+        result.float = float(primary)
+    elif kind == "uint64":
+        result.uint64 = int(primary)
+    elif kind == "date":
+        result.date.CopyFrom(timestamp_to_proto(int(primary)))
+    elif kind == "min":
+        result.min = True
+    elif kind == "max":
+        result.max = True
+    return result
+
+
+def _cmp(a: float | int, b: float | int) -> int | None:
+    if a < b:
+        return -1
+    if a > b:
+        return 1
+    if a == b:
+        return 0
+    return None  # NaN
+
+
+def _compare_ov(a: _OV, b: _OV) -> int | None:
+    if a[0] == b[0] and a[1] == b[1]:
+        return _cmp(a[2], b[2])
+    if a[0] == "min":
+        return -1
+    if b[0] == "min":
+        return 1
+    if a[0] == "max":
+        return 1
+    if b[0] == "max":
+        return -1
+    if a[0] == b[0] and a[0] in ("float", "uint64", "date"):
+        return _cmp(a[1], b[1])
+    return None
+
+
+def compare_ordering_values(a: query_pb2.OrderingValue, b: query_pb2.OrderingValue) -> int | None:
+    """-1, 0 or 1 as `a` is less, equal or greater than `b`; None if incomparable (different kinds, NaN).
+
+    `min` is less than anything and `max` greater; equal primary values compare by operation id.
+    """
+    return _compare_ov(_ov_from_proto(a), _ov_from_proto(b))
+
+
+def is_after(value: query_pb2.OrderingValue, bound: query_pb2.OrderingValue) -> bool:
+    return compare_ordering_values(value, bound) == 1
+
+
+def is_before(value: query_pb2.OrderingValue, bound: query_pb2.OrderingValue) -> bool:
+    return compare_ordering_values(value, bound) == -1
+
+
+def _within(value: _OV, after: _OV | None, before: _OV | None) -> bool:
+    if before is not None and _compare_ov(value, before) != -1:
+        return False
+    return after is None or _compare_ov(value, after) == 1
+
+
+def is_within_page_bound(value: query_pb2.OrderingValue, paging: query_pb2.Paging) -> bool:
+    """Strictly after `after_ordering_value` and strictly before `before_ordering_value` (when set)."""
+    after = _ov_from_proto(paging.after_ordering_value) if paging.HasField("after_ordering_value") else None
+    before = _ov_from_proto(paging.before_ordering_value) if paging.HasField("before_ordering_value") else None
+    return _within(_ov_from_proto(value), after, before)
+
+
+def to_f32(value: float) -> float:
+    """`value` rounded to the nearest 32-bit float (the wire type of scores)."""
+    try:
+        return float(struct.unpack("<f", struct.pack("<f", value))[0])
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def recency_boost(now_ns: int, date_ns: int) -> float:
+    """``exp(ln(0.2)/365 × max(0, |days(now) − days(date)| − 15))``, days = whole days since the epoch.
+
+    1.0 within 15 days, ≈0.2137 at 365 days, ≈0.04274 at 730 days.
+    """
+    now_days = now_ns // NS_PER_DAY
+    date_days = date_ns // NS_PER_DAY
+    distance = max(0.0, abs(now_days - date_days) - RECENCY_OFFSET_DAYS)
+    return to_f32(math.exp(math.log(RECENCY_DECAY) / RECENCY_SCALE_DAYS * distance))
+
+
+# --- effective ordering --------------------------------------------------------------------------------------
+
+
+def _query_string_sort_parts(text: str) -> list[tuple[str, bool]]:
+    """(sort value, negated) of each ``sort:`` part of a query string, scanned like the original parser."""
+    parts: list[tuple[str, bool]] = []
+    field, buf, negated, phrase, paren = "", "", False, False, False
+
+    def push() -> None:
+        if buf and field == "sort":
+            parts.append((buf, negated))
+
+    for ch in text.lower():
+        if phrase:
+            if ch == '"':
+                push()
+                field, buf, negated, phrase, paren = "", "", False, False, False
+            else:
+                buf += ch
+        elif paren:
+            if ch == ")":
+                push()
+                field, buf, negated, phrase, paren = "", "", False, False, False
+            else:
+                buf += ch
+        elif ch.isspace():
+            push()
+            field, buf, negated, phrase, paren = "", "", False, False, False
+        elif ch == "+":
+            negated = False
+        elif ch == "-":
+            negated = True
+        elif ch == ":":
+            field, buf = buf, ""
+        elif ch == '"':
+            phrase = True
+        elif ch == "(":
+            paren = True
+        else:
+            buf += ch
+    push()
+    return parts
+
+
+def _apply_query_string(text: str, ordering: query_pb2.Ordering) -> None:
+    if ordering.WhichOneof("value") is None:
+        ordering.score = True
+    for value, negated in _query_string_sort_parts(text):
+        if value.startswith("update"):
+            ordering.updated_at = True
+            ordering.ascending = False
+        elif value == "date" or value.startswith("create"):
+            ordering.created_at = True
+            ordering.ascending = False
+        elif value == "score":
+            ordering.score = True
+            ordering.ascending = False
+        if negated:
+            ordering.ascending = not ordering.ascending
+
+
+def _apply_default(kind: str, predicate: object, ordering: query_pb2.Ordering) -> None:
+    unset = ordering.WhichOneof("value") is None
+    if kind == "match":
+        if unset:
+            ordering.score = True
+    elif kind == "trait":
+        if unset:
+            ordering.operation_id = True
+        assert isinstance(predicate, query_pb2.TraitPredicate)
+        if predicate.HasField("query") and predicate.query.WhichOneof("predicate") == "query_string":
+            _apply_query_string(predicate.query.query_string.query, ordering)
+    elif kind in ("ids", "reference", "operations"):
+        if unset:
+            ordering.operation_id = True
+            ordering.ascending = True
+    elif kind == "all":
+        if unset:
+            ordering.operation_id = True
+            ordering.ascending = False
+    elif kind == "boolean":
+        assert isinstance(predicate, query_pb2.BooleanPredicate)
+        for sub in predicate.queries:
+            sub_kind = sub.WhichOneof("predicate")
+            if sub_kind is not None:
+                _apply_default(sub_kind, getattr(sub, sub_kind), ordering)
+    elif kind == "query_string":
+        assert isinstance(predicate, query_pb2.QueryStringPredicate)
+        _apply_query_string(predicate.query, ordering)
+
+
+def effective_ordering(query: query_pb2.EntityQuery) -> query_pb2.Ordering:
+    """The ordering a query runs with (SPEC 3.6): the query's own if it has a value, else the predicate's
+    default (match / query string: score; trait, all: operation id descending; ids, reference, operations:
+    operation id ascending; boolean: its first sub-predicate's; a trait query's own match does not change
+    the trait's default, as the original). A query string's ``sort:`` parts always win, ``-sort:`` flipping
+    the direction. Idempotent: resolving the result again gives the same ordering."""
+    ordering = query_pb2.Ordering()
+    ordering.CopyFrom(query.ordering)
+    kind = query.WhichOneof("predicate")
+    if kind is not None:
+        _apply_default(kind, getattr(query, kind), ordering)
+    if ordering.WhichOneof("value") is None:
+        ordering.operation_id = True
+    return ordering
+
+
+# --- top-N with penalized scores -----------------------------------------------------------------------------
+
+
+class _Comparable(Protocol):
+    def __lt__(self, other: Any, /) -> bool: ...
+
+    def __le__(self, other: Any, /) -> bool: ...
+
+
+T = TypeVar("T")
+K = TypeVar("K", bound=_Comparable)
+
+
+def top_negatively_rescored(items: Iterable[T], count: int, keys: Callable[[T], tuple[K, K]]) -> list[T]:
+    """The best `count` items by penalized key, from `items` sorted by original key (smaller key = better).
+
+    `keys(item)` returns (original key, penalized key), the penalized key never better than the original.
+    Items wait in a heap by penalized key and are released once the stream's original keys get worse than
+    them, so the stream is consumed only as far as needed. Keys must be mutually comparable with ``<=``.
+    """
+    top: list[T] = []
+    if count <= 0:
+        return top
+    reserve: list[tuple[K, int, T]] = []
+    seq = itertools.count()
+    for item in items:
+        original, penalized = keys(item)
+        while reserve and reserve[0][0] <= original and len(top) < count:
+            top.append(heapq.heappop(reserve)[2])
+        if len(top) >= count:
+            break
+        heapq.heappush(reserve, (penalized, next(seq), item))
+    while reserve and len(top) < count:
+        top.append(heapq.heappop(reserve)[2])
+    return top
+
+
+# --- the search -------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Match:
+    mutation: MutationMetadata
+    source: query_pb2.EntityResultSource.ValueType
+    kind: str  # "float" | "uint64"
+    value: float | int
+
+
+@dataclass(slots=True)
+class _Candidate:
+    match: _Match
+    aggregator: EntityAggregator
+    original_key: tuple[float | int, int]
+    penalized_key: tuple[float | int, int]
+    ordering_value: _OV
+
+
+class EntitySearcher:
+    """Runs entity queries over a chain and a pending `MutationSource`; stateless between searches."""
+
+    def __init__(
+        self,
+        chain_index: MutationSource,
+        pending_index: MutationSource,
+        fetch_trait: TraitFetcher,
+        *,
+        gc_flagger: GcFlagger | None = None,
+        page_size: int = ITERATOR_PAGE_SIZE,
+        max_pages: int | None = ITERATOR_MAX_PAGES,
+        pending_index_boost: float = PENDING_INDEX_BOOST,
+        now_ns: Callable[[], int] = time.time_ns,
+        descriptor_pool: DescriptorPool | None = None,
+        ordering_resolver: Callable[[query_pb2.EntityQuery], query_pb2.Ordering] | None = None,
+    ) -> None:
+        """`ordering_resolver` gives the ordering a query runs with; pass the mutation index's compiler
+        (`lambda q: index.compile(q).ordering`) so the indices and the searcher can never disagree on it
+        (default: `effective_ordering`). `max_pages` × `page_size` mutations at most are read per index
+        and query (None: no cap);
+        `now_ns` is the wall clock of the recency boost; `descriptor_pool` resolves trait types for field
+        projections (default: the generated messages' pool)."""
+        if page_size <= 0:
+            raise ValueError("page_size must be positive")
+        if max_pages is not None and max_pages <= 0:
+            raise ValueError("max_pages must be positive or None")
+        self._chain = chain_index
+        self._pending = pending_index
+        self._fetch_trait = fetch_trait
+        self._gc_flagger = gc_flagger
+        self._page_size = page_size
+        self._max_pages = max_pages
+        self._pending_boost = pending_index_boost
+        self._now_ns = now_ns
+        self._pool = descriptor_pool
+        self._resolve_ordering = ordering_resolver or effective_ordering
+
+    # public ----------------------------------------------------------------------------------------------
+
+    def search(self, query: query_pb2.EntityQuery) -> query_pb2.EntityResults:
+        if query.WhichOneof("predicate") is None:
+            raise InvalidArgument("query has no predicate")
+
+        ordering = self._resolve_ordering(query)
+        ascending = ordering.ascending
+        is_score = ordering.WhichOneof("value") == "score"
+        recency = is_score and not ordering.no_recency_boost
+        reference_boost = not ordering.no_reference_boost
+
+        page = query_pb2.Paging()
+        page.CopyFrom(query.paging)
+        if page.count == 0:
+            page.count = DEFAULT_PAGE_COUNT
+        after = _ov_from_proto(page.after_ordering_value) if page.HasField("after_ordering_value") else None
+        before = _ov_from_proto(page.before_ordering_value) if page.HasField("before_ordering_value") else None
+
+        index_query = query_pb2.EntityQuery()
+        index_query.CopyFrom(query)
+        index_query.ClearField("paging")
+        index_query.ordering.CopyFrom(ordering)
+
+        now_ns = self._now_ns()
+        chain_total, chain_stream = self._stream(
+            self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns
+        )
+        pending_total, pending_stream = self._stream(
+            self._pending, index_query, query_pb2.PENDING, is_score, ascending, recency, self._pending_boost, now_ns
+        )
+        merged = heapq.merge(
+            ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 0, m) for m in chain_stream),
+            ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 1, m) for m in pending_stream),
+            key=lambda entry: (entry[0], entry[1]),
+        )
+
+        aggregators: dict[str, EntityAggregator | None] = {}
+        flagged: set[str] = set()
+
+        def flag(agg: EntityAggregator) -> None:
+            if self._gc_flagger is not None and agg.entity_id not in flagged:
+                flagged.add(agg.entity_id)
+                self._gc_flagger(agg)
+
+        def candidates() -> Iterator[_Candidate]:
+            seen: set[str] = set()
+            for original_key, _, match in merged:
+                entity_id = match.mutation.entity_id
+                if entity_id in seen:
+                    continue  # dedup before the page bounds: an entity ranks by its best mutation only
+                agg = self._aggregate(entity_id, aggregators)
+                if agg is None:
+                    continue
+                if agg.deleted or match.mutation.operation_id not in agg.active_operations:
+                    flag(agg)
+                    if not query.include_deleted:
+                        continue  # not marked as seen: a later active mutation may still surface it
+                seen.add(entity_id)
+
+                op_id = match.mutation.sort_value.operation_id
+                value = match.value
+                if match.kind == "float" and reference_boost and not agg.has_reference:
+                    value = to_f32(value / REFERENCE_PENALTY if ascending else value * REFERENCE_PENALTY)
+                ordering_value: _OV = (match.kind, value, op_id)
+                if not _within(ordering_value, after, before):
+                    continue
+                yield _Candidate(match, agg, original_key, self._rank_key(value, op_id, ascending), ordering_value)
+
+        selected = top_negatively_rescored(candidates(), page.count, lambda c: (c.original_key, c.penalized_key))
+
+        results_hash = crc64_of_u64s(c.aggregator.hash for c in selected)
+        skipped = query.result_hash != 0 and results_hash == query.result_hash
+        for candidate in selected:
+            if candidate.aggregator.should_collect:
+                flag(candidate.aggregator)
+
+        next_page: query_pb2.Paging | None = None
+        if selected and len(selected) >= page.count:
+            next_page = query_pb2.Paging()
+            next_page.CopyFrom(page)
+            bound = _ov_to_proto(selected[-1].ordering_value)
+            if ascending:
+                next_page.after_ordering_value.CopyFrom(bound)
+            else:
+                next_page.before_ordering_value.CopyFrom(bound)
+
+        results = query_pb2.EntityResults(
+            skipped_hash=skipped,
+            estimated_count=min(chain_total + pending_total, _U32_MAX),
+            current_page=page,
+            hash=results_hash,
+        )
+        if next_page is not None:
+            results.next_page.CopyFrom(next_page)
+        if not skipped:
+            for candidate in selected:
+                results.entities.append(self._entity_result(candidate, query))
+        return results
+
+    def fetch_entity(self, entity_id: str, include_deleted: bool = False) -> entity_pb2.Entity | None:
+        """The aggregated entity with its traits (no query, no projection); None if it has no mutation."""
+        agg = self._aggregate(entity_id, {})
+        if agg is None:
+            return None
+        return self._entity(agg, (), include_deleted)
+
+    # internals ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _rank_key(value: float | int, operation_id: int, ascending: bool) -> tuple[float | int, int]:
+        """Sort key, smaller = ranked first."""
+        return (value, operation_id) if ascending else (-value, -operation_id)
+
+    def _pages(self, source: MutationSource, query: query_pb2.EntityQuery) -> tuple[int, Iterator[MutationMetadata]]:
+        first = source.search(query, self._page_size, 0)
+
+        def iterate() -> Iterator[MutationMetadata]:
+            page = first
+            offset = 0
+            pages = 1
+            while True:
+                yield from page.mutations
+                offset += len(page.mutations)
+                if len(page.mutations) < self._page_size or offset >= page.total:
+                    return
+                if self._max_pages is not None and pages >= self._max_pages:
+                    return
+                page = source.search(query, self._page_size, offset)
+                pages += 1
+
+        return first.total, iterate()
+
+    def _stream(
+        self,
+        source: MutationSource,
+        query: query_pb2.EntityQuery,
+        source_kind: query_pb2.EntityResultSource.ValueType,
+        is_score: bool,
+        ascending: bool,
+        recency: bool,
+        index_boost: float,
+        now_ns: int,
+    ) -> tuple[int, Iterator[_Match]]:
+        total, mutations = self._pages(source, query)
+        if not is_score:
+            return total, (self._uint_match(m, source_kind) for m in mutations)
+
+        matches = []
+        for m in mutations:
+            score = float(m.sort_value.value)
+            if recency:
+                date = m.operation_id
+                if isinstance(m.mutation_type, TraitPutMeta) and m.mutation_type.modification_date:
+                    date = m.mutation_type.modification_date
+                score = score * recency_boost(now_ns, date) * index_boost
+            matches.append(_Match(m, source_kind, "float", to_f32(score)))
+        # boosts change the order: re-rank the whole (capped) stream of this index
+        matches.sort(key=lambda x: self._rank_key(x.value, x.mutation.sort_value.operation_id, ascending))
+        return total, iter(matches)
+
+    @staticmethod
+    def _uint_match(mutation: MutationMetadata, source_kind: query_pb2.EntityResultSource.ValueType) -> _Match:
+        sort_value = mutation.sort_value
+        if sort_value.kind is SortKind.SCORE:
+            return _Match(mutation, source_kind, "float", to_f32(float(sort_value.value)))
+        value = int(sort_value.value)
+        if sort_value.kind is SortKind.INT:
+            value += _INT_BIAS
+        return _Match(mutation, source_kind, "uint64", value)
+
+    def _aggregate(self, entity_id: str, cache: dict[str, EntityAggregator | None]) -> EntityAggregator | None:
+        if entity_id in cache:
+            return cache[entity_id]
+        mutations = self._pending.fetch_entity_mutations(entity_id) + self._chain.fetch_entity_mutations(entity_id)
+        agg = EntityAggregator.from_mutations(mutations) if mutations else None
+        if agg is None:
+            log.warning("entity %s matched a query but has no indexed mutation", entity_id)
+        cache[entity_id] = agg
+        return agg
+
+    def _entity_result(self, candidate: _Candidate, query: query_pb2.EntityQuery) -> query_pb2.EntityResult:
+        return query_pb2.EntityResult(
+            entity=self._entity(candidate.aggregator, query.projections, query.include_deleted),
+            source=candidate.match.source,
+            ordering_value=_ov_to_proto(candidate.ordering_value),
+            hash=candidate.aggregator.hash,
+        )
+
+    def _entity(
+        self, agg: EntityAggregator, projections: Sequence[query_pb2.Projection], include_deleted: bool
+    ) -> entity_pb2.Entity:
+        entity = entity_pb2.Entity(id=agg.entity_id, last_operation_id=agg.last_operation_id)
+        if agg.creation_date is not None:
+            entity.creation_date.CopyFrom(timestamp_to_proto(agg.creation_date))
+        if agg.modification_date is not None:
+            entity.modification_date.CopyFrom(timestamp_to_proto(agg.modification_date))
+        if agg.deletion_date is not None:
+            entity.deletion_date.CopyFrom(timestamp_to_proto(agg.deletion_date))
+        for trait_id in sorted(agg.traits):
+            trait = self._trait(agg, agg.traits[trait_id], projections, include_deleted)
+            if trait is not None:
+                entity.traits.append(trait)
+        return entity
+
+    def _trait(
+        self,
+        agg: EntityAggregator,
+        trait_agg: TraitAggregator,
+        projections: Sequence[query_pb2.Projection],
+        include_deleted: bool,
+    ) -> entity_pb2.Trait | None:
+        last_put = trait_agg.last_put
+        if last_put is None:
+            return None  # only tombstones: nothing to show
+        projection = find_projection(trait_agg.trait_type, projections) if projections else None
+        if projection is not None and projection.skip:
+            return None
+        if trait_agg.deleted and not include_deleted:
+            return None
+
+        fetched = self._fetch_trait(last_put.operation_id, last_put.block_offset)
+        if fetched is None:
+            log.error(
+                "could not fetch operation %d (trait %s of entity %s)",
+                last_put.operation_id,
+                trait_agg.trait_id,
+                agg.entity_id,
+            )
+            return None
+        entity_id, fetched_trait = fetched
+        if entity_id != agg.entity_id:
+            log.error(
+                "operation %d belongs to entity %s, not to entity %s", last_put.operation_id, entity_id, agg.entity_id
+            )
+            return None
+
+        trait = entity_pb2.Trait()
+        trait.CopyFrom(fetched_trait)
+        if projection is not None:
+            project_trait_fields(trait, projection, self._pool)
+        for name, date in (
+            ("creation_date", trait_agg.creation_date),
+            ("modification_date", trait_agg.modification_date),
+            ("deletion_date", trait_agg.deletion_date),
+        ):
+            if date is None:
+                trait.ClearField(name)
+            else:
+                getattr(trait, name).CopyFrom(timestamp_to_proto(date))
+        trait.last_operation_id = trait_agg.last_operation_id or 0
+        return trait
+
+
+__all__ = [
+    "DEFAULT_PAGE_COUNT",
+    "ITERATOR_MAX_PAGES",
+    "ITERATOR_PAGE_SIZE",
+    "PENDING_INDEX_BOOST",
+    "REFERENCE_PENALTY",
+    "EntitySearcher",
+    "GcFlagger",
+    "MutationSource",
+    "TraitFetcher",
+    "compare_ordering_values",
+    "effective_ordering",
+    "is_after",
+    "is_before",
+    "is_within_page_bound",
+    "recency_boost",
+    "to_f32",
+    "top_negatively_rescored",
+]

@@ -1,0 +1,578 @@
+"""Mutation index (SPEC 3.3-3.4, 3.6): real tantivy indices of exocore.test traits, every predicate, ordering,
+fuzzy rule, field predicate and range, references, tombstones, deletions, paging and reopening from disk."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from exocommon.errors import FailedPrecondition, InvalidArgument
+from exocore.store import entity_pb2, query_pb2
+from exocore.test import test_pb2
+from exostore.mutation_index import MutationIndex, recency_boost
+from exostore.registry import TraitRegistry
+from exostore.schema import IndexSchema
+from exostore.types import (
+    DeleteOperationsOperation,
+    EntityTombstoneMeta,
+    EntityTombstoneOperation,
+    MutationResults,
+    PendingDeletionMeta,
+    PendingDeletionOperation,
+    PutTraitOperation,
+    SortKind,
+    TraitPutMeta,
+    TraitTombstoneMeta,
+    TraitTombstoneOperation,
+)
+
+TM = "exocore.test.TestMessage"
+TM2 = "exocore.test.TestMessage2"
+REGISTRY = TraitRegistry()
+SCHEMA = IndexSchema(REGISTRY)
+Q = query_pb2
+Op = Q.TraitFieldPredicate
+DAY = 86_400 * 1_000_000_000
+
+
+def new_index(path=None) -> MutationIndex:
+    return MutationIndex(SCHEMA, path, heap_size=15_000_000, num_threads=1)
+
+
+def put(op: int, entity: str, msg: Message, trait_id: str = "t1", created=None, modified=None, block=None):
+    packed = any_pb2.Any()
+    packed.Pack(msg)
+    trait = entity_pb2.Trait(id=trait_id, message=packed)
+    if created is not None:
+        trait.creation_date.FromNanoseconds(created)
+    if modified is not None:
+        trait.modification_date.FromNanoseconds(modified)
+    return PutTraitOperation(op, block, entity, trait)
+
+
+def tm(**kw) -> test_pb2.TestMessage:
+    return test_pb2.TestMessage(**kw)
+
+
+def ts(ns: int) -> timestamp_pb2.Timestamp:
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(ns)
+    return t
+
+
+def entities(res: MutationResults) -> list[str]:
+    return [m.entity_id for m in res.mutations]
+
+
+def ops(res: MutationResults) -> list[int]:
+    return [m.operation_id for m in res.mutations]
+
+
+def search(index: MutationIndex, count: int = 100, offset: int = 0, ordering=None, **predicate) -> MutationResults:
+    query = Q.EntityQuery(**predicate)
+    if ordering is not None:
+        query.ordering.CopyFrom(ordering)
+    return index.search(query, count, offset)
+
+
+def field(name: str, operator=Op.EQUAL, **value) -> Q.TraitPredicate:
+    return Q.TraitPredicate(trait_name=TM, query=Q.TraitQuery(field=Op(field=name, operator=operator, **value)))
+
+
+def trait_query(name: str = TM, **query) -> Q.TraitPredicate:
+    return Q.TraitPredicate(trait_name=name, query=Q.TraitQuery(**query) if query else None)
+
+
+@pytest.fixture
+def foo_bar():
+    index = new_index()
+    index.apply([put(1, "e1", tm(string1="Foo Bar One")), put(2, "e2", tm(string1="Foo Bar Two"))])
+    return index
+
+
+# --- match and fuzzy ---------------------------------------------------------------------------------
+
+
+def test_match_scores_descending(foo_bar):
+    res = search(foo_bar, match=Q.MatchPredicate(query="foo"))
+    assert res.total == 2 and sorted(entities(res)) == ["e1", "e2"]
+    assert all(m.sort_value.kind is SortKind.SCORE and m.sort_value.value > 0 for m in res.mutations)
+    assert ops(res) == [2, 1]  # equal scores: higher op id first
+    res = search(foo_bar, match=Q.MatchPredicate(query="two"))
+    assert entities(res) == ["e2"]
+    compiled = foo_bar.compile(Q.EntityQuery(match=Q.MatchPredicate(query="x")))
+    assert compiled.ordering.score and not compiled.ordering.ascending and compiled.sort_field is None
+    # better match first
+    foo_bar.apply([put(3, "e3", tm(string1="two two two"))])
+    assert entities(search(foo_bar, match=Q.MatchPredicate(query="two")))[0] == "e3"
+
+
+@pytest.mark.parametrize(
+    ("query", "hit"),
+    [("abc", True), ("abZ", False), ("abcdZ", True), ("abcZZ", False), ("abcdefZZ", True), ("abcdeZZZ", False)],
+)
+def test_fuzzy_rules(query, hit):
+    index = new_index()
+    index.apply([put(1, "e1", tm(string1="abc abcde abcdefgh"))])
+    assert search(index, match=Q.MatchPredicate(query=query)).total == (1 if hit else 0)
+
+
+def test_no_fuzzy_and_transpositions():
+    index = new_index()
+    index.apply([put(1, "e1", tm(string1="abc abcde abcdefgh"))])
+    assert search(index, match=Q.MatchPredicate(query="abcdZ", no_fuzzy=True)).total == 0
+    assert search(index, match=Q.MatchPredicate(query="abcde", no_fuzzy=True)).total == 1
+    assert search(index, match=Q.MatchPredicate(query="abced")).total == 1  # transposition costs 1
+    assert search(index, match=Q.MatchPredicate(query="")).total == 0
+
+
+def test_match_covers_nested_text_but_not_plain_strings():
+    index = new_index()
+    index.apply(
+        [put(1, "e1", tm(struct1=test_pb2.TestStruct(string1="nested words"), string2="plain", string3="exact"))]
+    )
+    assert search(index, match=Q.MatchPredicate(query="nested")).total == 1
+    assert search(index, match=Q.MatchPredicate(query="plain")).total == 0
+    assert search(index, match=Q.MatchPredicate(query="exact")).total == 0
+
+
+# --- trait, ids, operations, all ---------------------------------------------------------------------------
+
+
+def test_trait_predicate_and_default_orderings(foo_bar):
+    foo_bar.apply([put(3, "e3", test_pb2.TestMessage2(string1="Foo Three"))])
+    res = search(foo_bar, trait=trait_query())
+    assert ops(res) == [2, 1]  # operation id descending
+    assert all(m.sort_value.kind is SortKind.UINT for m in res.mutations)
+    assert ops(search(foo_bar, trait=trait_query(TM2))) == [3]
+    assert ops(search(foo_bar, trait=trait_query("test"))) == [2, 1]  # short name
+    res = search(foo_bar, trait=trait_query(match=Q.MatchPredicate(query="foo")))
+    assert sorted(ops(res)) == [1, 2] and res.mutations[0].sort_value.kind is SortKind.SCORE
+    assert ops(search(foo_bar, trait=trait_query(TM2, match=Q.MatchPredicate(query="foo")))) == [3]
+    with pytest.raises(InvalidArgument, match="trait_name"):
+        search(foo_bar, trait=Q.TraitPredicate())
+
+
+def test_ids_operations_all_orderings():
+    index = new_index()
+    index.apply([put(op, f"e{op % 3}", tm(string1=f"n{op}"), trait_id=f"t{op}") for op in range(1, 10)])
+    res = search(index, ids=Q.IdsPredicate(ids=["e1", "e2"]))
+    assert ops(res) == [1, 2, 4, 5, 7, 8]  # ascending
+    assert search(index, ids=Q.IdsPredicate()).total == 0
+    assert ops(search(index, operations=Q.OperationsPredicate(operation_ids=[7, 3, 42]))) == [3, 7]
+    assert search(index, operations=Q.OperationsPredicate()).total == 0
+    assert ops(search(index, all=Q.AllPredicate())) == list(range(9, 0, -1))
+    # explicit ordering wins over the default
+    asc = Q.Ordering(operation_id=True, ascending=True)
+    assert ops(search(index, all=Q.AllPredicate(), ordering=asc)) == list(range(1, 10))
+    desc = Q.Ordering(operation_id=True)
+    assert ops(search(index, ids=Q.IdsPredicate(ids=["e0"]), ordering=desc)) == [9, 6, 3]
+
+
+def test_count_total_and_paging():
+    index = new_index()
+    for start in range(1, 26, 5):  # several commits -> several segments
+        index.apply([put(op, f"e{op}", tm(string1="same words")) for op in range(start, start + 5)])
+    assert index.count() == 25
+    res = search(index, count=10, offset=10, all=Q.AllPredicate())
+    assert ops(res) == list(range(15, 5, -1)) and res.total == 25
+    assert ops(search(index, count=10, offset=20, all=Q.AllPredicate())) == [5, 4, 3, 2, 1]
+    assert ops(search(index, count=10, offset=30, all=Q.AllPredicate())) == []
+    assert search(index, count=0, all=Q.AllPredicate()).total == 25
+    pages = [ops(search(index, count=7, offset=o, match=Q.MatchPredicate(query="same"))) for o in (0, 7, 14, 21)]
+    assert sum(pages, []) == list(range(25, 0, -1))  # equal scores: op id descending, stable over pages
+
+
+# --- dates orderings and tie breaking ---------------------------------------------------------------------
+
+
+def test_created_updated_orderings_break_ties_by_operation_id():
+    index = new_index()
+    for start in range(1, 13, 4):
+        index.apply([put(op, f"e{op}", tm(string1="x")) for op in range(start, start + 4)])  # no explicit dates
+    created = Q.Ordering(created_at=True)
+    full = ops(search(index, all=Q.AllPredicate(), ordering=created))
+    assert full == list(range(12, 0, -1))
+    pages = [ops(search(index, count=5, offset=o, all=Q.AllPredicate(), ordering=created)) for o in (0, 5, 10)]
+    assert sum(pages, []) == full
+    created_asc = Q.Ordering(created_at=True, ascending=True)
+    pages = [ops(search(index, count=5, offset=o, all=Q.AllPredicate(), ordering=created_asc)) for o in (0, 5, 10)]
+    assert sum(pages, []) == list(range(1, 13))
+
+    index.apply(
+        [
+            put(20, "d1", tm(string1="x"), created=5 * DAY, modified=9 * DAY),
+            put(21, "d2", tm(string1="x"), created=7 * DAY, modified=8 * DAY),
+        ]
+    )
+    res = search(index, count=3, all=Q.AllPredicate(), ordering=created)
+    assert ops(res) == [21, 20, 12]
+    assert [m.sort_value.value for m in res.mutations] == [7 * DAY, 5 * DAY, 0]
+    put_meta = res.mutations[0].mutation_type
+    assert isinstance(put_meta, TraitPutMeta)
+    assert (put_meta.creation_date, put_meta.modification_date) == (7 * DAY, 8 * DAY)
+    assert ops(search(index, count=2, all=Q.AllPredicate(), ordering=Q.Ordering(updated_at=True))) == [20, 21]
+
+
+# --- field predicates and ranges ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def numbers():
+    index = new_index()
+    index.apply(
+        [
+            put(1, "e1", tm(string1="Alpha beta", string3="Hello World", uint1=5, int1=-10, date1=ts(100 * DAY))),
+            put(2, "e2", tm(string1="beta gamma", string3="hello world", uint1=10, int1=-1, date1=ts(200 * DAY))),
+            put(3, "e3", tm(string1="gamma", string3="other", uint1=15, int1=7, date1=ts(300 * DAY))),
+            put(4, "e4", test_pb2.TestMessage2(string1="Hello World")),
+        ]
+    )
+    return index
+
+
+def test_field_equality_on_string_and_text(numbers):
+    assert entities(search(numbers, trait=field("string3", string="Hello World"))) == ["e1"]
+    assert entities(search(numbers, trait=field("string3", string="hello world"))) == ["e2"]
+    assert search(numbers, trait=field("string3", string="Hello")).total == 0
+    # text fields match by token (single token) or phrase
+    assert sorted(entities(search(numbers, trait=field("string1", string="Beta")))) == ["e1", "e2"]
+    assert entities(search(numbers, trait=field("string1", string="beta gamma"))) == ["e2"]
+    assert search(numbers, trait=field("string1", string="gamma beta")).total == 0
+    # numbers given as strings on numeric fields
+    assert entities(search(numbers, trait=field("uint1", string="10"))) == ["e2"]
+    with pytest.raises(InvalidArgument, match="uint1"):
+        search(numbers, trait=field("uint1", string="ten"))
+    with pytest.raises(InvalidArgument, match="string3"):
+        search(numbers, trait=field("string3", Op.GT, string="a"))
+    with pytest.raises(InvalidArgument, match="string3"):
+        search(numbers, trait=field("string3", int64=3))
+
+
+@pytest.mark.parametrize(
+    ("name", "operator", "value", "expected"),
+    [
+        ("uint1", Op.EQUAL, {"uint64": 10}, ["e2"]),
+        ("uint1", Op.GT, {"uint64": 10}, ["e3"]),
+        ("uint1", Op.GTE, {"uint64": 10}, ["e2", "e3"]),
+        ("uint1", Op.LT, {"uint64": 10}, ["e1"]),
+        ("uint1", Op.LTE, {"uint64": 10}, ["e1", "e2"]),
+        ("uint1", Op.GT, {"int64": -3}, ["e1", "e2", "e3"]),
+        ("uint1", Op.LT, {"int64": 0}, []),
+        ("int1", Op.EQUAL, {"int64": -1}, ["e2"]),
+        ("int1", Op.GT, {"int64": -1}, ["e3"]),
+        ("int1", Op.GTE, {"int64": -1}, ["e2", "e3"]),
+        ("int1", Op.LT, {"int64": -1}, ["e1"]),
+        ("int1", Op.LTE, {"int64": -1}, ["e1", "e2"]),
+        ("int1", Op.LT, {"uint64": 2**64 - 1}, ["e1", "e2", "e3"]),
+        ("date1", Op.EQUAL, {"date": ts(200 * DAY)}, ["e2"]),
+        ("date1", Op.GT, {"date": ts(200 * DAY)}, ["e3"]),
+        ("date1", Op.GTE, {"date": ts(200 * DAY)}, ["e2", "e3"]),
+        ("date1", Op.LT, {"date": ts(200 * DAY)}, ["e1"]),
+        ("date1", Op.LTE, {"date": ts(200 * DAY)}, ["e1", "e2"]),
+        ("date1", Op.LTE, {"date": ts(200 * DAY - 1)}, ["e1"]),
+        ("date1", Op.GTE, {"uint64": 200 * DAY + 1}, ["e3"]),
+    ],
+)
+def test_field_ranges(numbers, name, operator, value, expected):
+    res = search(numbers, trait=field(name, operator, **value))
+    assert sorted(entities(res)) == expected
+
+
+def test_field_prefix_matches_nested_fields():
+    index = new_index()
+    index.apply([put(1, "e1", tm(struct1=test_pb2.TestStruct(string1="inner"))), put(2, "e2", tm(string1="inner"))])
+    assert entities(search(index, trait=field("struct1", string="inner"))) == ["e1"]
+    assert entities(search(index, trait=field("struct1.string1", string="inner"))) == ["e1"]
+
+
+def test_unknown_field_and_unknown_type_errors(numbers):
+    with pytest.raises(InvalidArgument, match=r"'nope'.*exocore\.test\.TestMessage"):
+        search(numbers, trait=field("nope", string="x"))
+    with pytest.raises(InvalidArgument, match="string2"):  # not indexed
+        search(numbers, trait=field("string2", string="x"))
+    unknown = Q.TraitPredicate(trait_name="app.Unknown", query=Q.TraitQuery(field=Op(field="a", string="x")))
+    with pytest.raises(InvalidArgument, match=r"app\.Unknown"):
+        search(numbers, trait=unknown)
+    with pytest.raises(InvalidArgument, match="no value"):
+        search(numbers, trait=field("uint1"))
+    # field orderings
+    with pytest.raises(InvalidArgument, match="not sorted"):
+        search(numbers, trait=trait_query(), ordering=Q.Ordering(field="uint1"))
+    with pytest.raises(InvalidArgument, match="nope"):
+        search(numbers, trait=trait_query(), ordering=Q.Ordering(field="nope"))
+    with pytest.raises(InvalidArgument, match="trait"):
+        search(numbers, all=Q.AllPredicate(), ordering=Q.Ordering(field="uint3"))
+    with pytest.raises(InvalidArgument, match=r"app\.Unknown"):
+        search(numbers, trait=trait_query("app.Unknown"), ordering=Q.Ordering(field="uint3"))
+
+
+def test_unknown_trait_type_is_indexed_with_fixed_fields():
+    index = new_index()
+    unknown = entity_pb2.Trait(id="tx", message=any_pb2.Any(type_url="type.googleapis.com/app.Unknown", value=b"1"))
+    index.apply([PutTraitOperation(7, None, "ex", unknown), put(8, "e8", tm(string1="x"))])
+    assert ops(search(index, trait=trait_query("app.Unknown"))) == [7]
+    assert ops(search(index, ids=Q.IdsPredicate(ids=["ex"]))) == [7]
+    assert ops(search(index, operations=Q.OperationsPredicate(operation_ids=[7]))) == [7]
+    assert ops(search(index, all=Q.AllPredicate())) == [8, 7]
+    meta = search(index, ids=Q.IdsPredicate(ids=["ex"])).mutations[0].mutation_type
+    assert meta == TraitPutMeta("tx", "app.Unknown", None, None, False)
+
+
+# --- sorting by sorted fields ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "kind"),
+    [
+        ("uint3", [7, 0, 300, 42, 5], SortKind.UINT),
+        ("int3", [-7, 0, 300, -42, 5], SortKind.INT),
+        ("date3", [7 * DAY, 1, 300 * DAY, 42 * DAY, 5], SortKind.UINT),
+    ],
+)
+def test_sort_by_field_both_directions(name, values, kind):
+    index = new_index()
+    for i, value in enumerate(values):  # one commit per doc: ties and order across segments
+        msg = tm(**{name: ts(value) if name == "date3" else value})
+        index.apply([put(i + 1, f"e{i + 1}", msg)])
+    index.apply([put(10, "other", test_pb2.TestMessage2(string1="x"))])
+    desc = search(index, trait=trait_query(), ordering=Q.Ordering(field=name))
+    assert [m.sort_value.value for m in desc.mutations] == sorted(values, reverse=True)
+    assert all(m.sort_value.kind is kind for m in desc.mutations)
+    asc = search(index, trait=trait_query(), ordering=Q.Ordering(field=name, ascending=True))
+    assert [m.sort_value.value for m in asc.mutations] == sorted(values)
+    page = search(index, count=2, offset=1, trait=trait_query(), ordering=Q.Ordering(field=name, ascending=True))
+    assert [m.sort_value.value for m in page.mutations] == sorted(values)[1:3]
+
+
+def test_sort_by_field_ties_by_operation_id():
+    index = new_index()
+    for op in range(1, 9):
+        index.apply([put(op, f"e{op}", tm(uint3=op % 2))])
+    order = Q.Ordering(field="uint3")
+    pages = [ops(search(index, count=3, offset=o, trait=trait_query(), ordering=order)) for o in (0, 3, 6)]
+    assert sum(pages, []) == [7, 5, 3, 1, 8, 6, 4, 2]
+
+
+# --- references ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def refs():
+    index = new_index()
+    index.apply(
+        [
+            put(1, "e1", tm(ref1=entity_pb2.Reference(entity_id="et-a_b", trait_id="trt_x-y"))),
+            put(2, "e2", tm(ref1=entity_pb2.Reference(entity_id="et-a_b", trait_id="other"))),
+            put(3, "e3", tm(ref1=entity_pb2.Reference(entity_id="et a%b", trait_id="t 1"))),
+            put(4, "e4", tm(ref2=entity_pb2.Reference(entity_id="et-a_b"), string1="et a b")),
+            put(5, "e5", tm(string1="none")),
+        ]
+    )
+    return index
+
+
+def test_reference_predicate_ids_with_dashes_and_underscores(refs):
+    res = search(refs, reference=Q.ReferencePredicate(entity_id="et-a_b"))
+    assert ops(res) == [1, 2]  # ascending by default; ref2 is not indexed
+    assert ops(search(refs, reference=Q.ReferencePredicate(entity_id="et-a_b", trait_id="trt_x-y"))) == [1]
+    assert ops(search(refs, reference=Q.ReferencePredicate(entity_id="et-a_b", trait_id="trt"))) == []
+    assert ops(search(refs, reference=Q.ReferencePredicate(entity_id="et"))) == []
+    assert ops(search(refs, reference=Q.ReferencePredicate(entity_id="et a%b", trait_id="t 1"))) == [3]
+    assert ops(search(refs, reference=Q.ReferencePredicate(entity_id="et"))) == []
+    with pytest.raises(InvalidArgument):
+        search(refs, reference=Q.ReferencePredicate())
+    metas = {m.operation_id: m.mutation_type for m in search(refs, all=Q.AllPredicate()).mutations}
+    assert [op for op, meta in sorted(metas.items()) if meta.has_reference] == [1, 2, 3]  # type: ignore[union-attr]
+
+
+def test_trait_field_reference_predicate(refs):
+    pred = Q.TraitFieldReferencePredicate(field="ref1", reference=Q.ReferencePredicate(entity_id="et-a_b"))
+    assert ops(search(refs, trait=trait_query(reference=pred))) == [2, 1]
+    pred = Q.TraitFieldReferencePredicate(reference=Q.ReferencePredicate(entity_id="et-a_b", trait_id="other"))
+    assert ops(search(refs, trait=trait_query(reference=pred))) == [2]
+    with pytest.raises(InvalidArgument, match="ref2"):
+        bad = Q.TraitFieldReferencePredicate(field="ref2", reference=Q.ReferencePredicate(entity_id="x"))
+        search(refs, trait=trait_query(reference=bad))
+    with pytest.raises(InvalidArgument, match="string1"):
+        bad = Q.TraitFieldReferencePredicate(field="string1", reference=Q.ReferencePredicate(entity_id="x"))
+        search(refs, trait=trait_query(reference=bad))
+    assert ops(search(refs, trait=field("ref1", string="et a%b"))) == [3]
+
+
+# --- boolean -------------------------------------------------------------------------------------------------
+
+
+def test_boolean_predicate(foo_bar):
+    B = Q.BooleanPredicate
+    foo_bar.apply([put(3, "e3", test_pb2.TestMessage2(string1="Foo Three"))])
+    must = B(
+        queries=[
+            B.SubQuery(occur=B.MUST, trait=trait_query()),
+            B.SubQuery(occur=B.MUST_NOT, ids=Q.IdsPredicate(ids=["e1"])),
+        ]
+    )
+    res = search(foo_bar, boolean=must)
+    assert ops(res) == [2]
+    assert foo_bar.compile(Q.EntityQuery(boolean=must)).ordering.operation_id  # from the trait sub-predicate
+    should = B(
+        queries=[
+            B.SubQuery(occur=B.SHOULD, ids=Q.IdsPredicate(ids=["e3"])),
+            B.SubQuery(occur=B.SHOULD, match=Q.MatchPredicate(query="one")),
+        ]
+    )
+    compiled = foo_bar.compile(Q.EntityQuery(boolean=should))
+    assert compiled.ordering.operation_id and compiled.ordering.ascending  # ids first: op id ascending
+    assert ops(search(foo_bar, boolean=should)) == [1, 3]
+    only_not = B(queries=[B.SubQuery(occur=B.MUST_NOT, match=Q.MatchPredicate(query="two"))])
+    assert sorted(ops(search(foo_bar, boolean=only_not))) == [1, 3]
+    nested = B(queries=[B.SubQuery(occur=B.MUST, boolean=should), B.SubQuery(occur=B.MUST, all=Q.AllPredicate())])
+    assert sorted(ops(search(foo_bar, boolean=nested))) == [1, 3]
+    assert search(foo_bar, boolean=B()).total == 0
+    two_traits = B(
+        queries=[B.SubQuery(occur=B.SHOULD, trait=trait_query()), B.SubQuery(occur=B.SHOULD, trait=trait_query(TM2))]
+    )
+    with pytest.raises(InvalidArgument, match="one trait type"):
+        search(foo_bar, boolean=two_traits)
+
+
+def test_test_predicate_and_missing_predicate_fail(foo_bar):
+    with pytest.raises(InvalidArgument):
+        search(foo_bar, test=Q.TestPredicate(success=True))
+    with pytest.raises(InvalidArgument):
+        foo_bar.search(Q.EntityQuery(), 10)
+
+
+def test_score_ascending(foo_bar):
+    foo_bar.apply([put(3, "e3", tm(string1="two two two two"))])
+    res = search(foo_bar, match=Q.MatchPredicate(query="two"), ordering=Q.Ordering(score=True, ascending=True))
+    assert entities(res) == ["e2", "e3"]
+    assert res.mutations[0].sort_value.value < res.mutations[1].sort_value.value
+
+
+# --- tombstones, pending deletions, deletions ----------------------------------------------------------------
+
+
+def test_tombstones_and_pending_deletions_are_documents():
+    index = new_index()
+    index.apply(
+        [
+            put(1, "e1", tm(string1="a"), block=3),
+            TraitTombstoneOperation(2, 3, "e1", "t1"),
+            EntityTombstoneOperation(3, 4, "e2"),
+            PendingDeletionOperation(4, "e1"),
+        ]
+    )
+    res = search(index, ids=Q.IdsPredicate(ids=["e1", "e2"]))
+    assert ops(res) == [1, 2, 3, 4]
+    types = [m.mutation_type for m in res.mutations]
+    assert types[1:] == [TraitTombstoneMeta("t1"), EntityTombstoneMeta(), PendingDeletionMeta()]
+    assert [m.block_offset for m in res.mutations] == [3, 3, 4, None]
+    assert ops(search(index, operations=Q.OperationsPredicate(operation_ids=[2, 3]))) == [2, 3]
+    assert ops(search(index, all=Q.AllPredicate())) == [4, 3, 2, 1]
+    assert ops(search(index, trait=trait_query())) == [1]  # only puts have a trait type
+    assert index.highest_indexed_block() == 4
+
+
+def test_delete_operations_removes_documents():
+    index = new_index()
+    assert index.apply([put(op, "e1", tm(string1="a"), trait_id=f"t{op}") for op in (1, 2, 3)]) == 3
+    assert index.operation_ids_for_entity("e1") == [1, 2, 3]
+    assert index.apply([DeleteOperationsOperation((1, 3, 99))]) == 2
+    assert index.count() == 1
+    assert index.operation_ids_for_entity("e1") == [2]  # cache invalidated
+    assert ops(search(index, all=Q.AllPredicate())) == [2]
+    # a put and its deletion in the same batch
+    assert index.apply([put(5, "e5", tm()), DeleteOperationsOperation((5,))]) == 2
+    assert search(index, ids=Q.IdsPredicate(ids=["e5"])).total == 0
+    assert index.apply([]) == 0
+
+
+def test_fetch_entity_mutations_sorted_dedup_and_invalidated():
+    index = new_index()
+    index.apply([put(5, "e1", tm(), trait_id="a"), put(2, "e1", tm(), trait_id="b"), put(3, "e2", tm())])
+    index.apply([put(2, "e1", tm(), trait_id="b")])  # same operation indexed twice
+    first = index.fetch_entity_mutations("e1")
+    assert [m.operation_id for m in first] == [2, 5]
+    assert [m.mutation_type.trait_id for m in first] == ["b", "a"]  # type: ignore[union-attr]
+    assert index.fetch_entity_mutations("e1") == first  # cached
+    index.apply([TraitTombstoneOperation(7, None, "e1", "a")])
+    assert [m.operation_id for m in index.fetch_entity_mutations("e1")] == [2, 5, 7]
+    assert index.fetch_entity_mutations("nope") == []
+
+
+def test_highest_indexed_block():
+    index = new_index()
+    assert index.highest_indexed_block() is None
+    index.apply([put(1, "e1", tm())])
+    assert index.highest_indexed_block() is None
+    index.apply([put(2, "e1", tm(), block=10), put(3, "e1", tm(), block=30), put(4, "e1", tm(), block=20)])
+    assert index.highest_indexed_block() == 30
+    index.apply([DeleteOperationsOperation((3,))])
+    assert index.highest_indexed_block() == 20
+
+
+# --- on disk ---------------------------------------------------------------------------------------------------
+
+
+def test_on_disk_index_reopens_with_the_same_results(tmp_path):
+    path = tmp_path / "chain"
+    index = new_index(path)
+    index.apply(
+        [
+            put(
+                1,
+                "e1",
+                tm(string1="Foo Bar One", string3="k1", uint3=3, ref1=entity_pb2.Reference(entity_id="x-1")),
+                block=0,
+            ),
+            put(2, "e2", tm(string1="Foo Bar Two", string3="k2", uint3=1), block=100),
+        ]
+    )
+    queries = [
+        Q.EntityQuery(match=Q.MatchPredicate(query="two")),
+        Q.EntityQuery(trait=field("string3", string="k1")),
+        Q.EntityQuery(trait=trait_query(), ordering=Q.Ordering(field="uint3")),
+        Q.EntityQuery(reference=Q.ReferencePredicate(entity_id="x-1")),
+    ]
+    before = [ops(index.search(q, 10)) for q in queries]
+    assert before == [[2], [1], [1, 2], [1]]
+    index.close()
+    del index
+
+    # a new process: new registry, new schema, same mapping
+    reopened = MutationIndex(IndexSchema(TraitRegistry()), path, heap_size=15_000_000, num_threads=1)
+    assert reopened.count() == 2
+    assert [ops(reopened.search(q, 10)) for q in queries] == before
+    assert reopened.highest_indexed_block() == 100
+    reopened.apply([put(3, "e3", tm(string3="k1"), block=200)])
+    assert ops(reopened.search(queries[1], 10)) == [3, 1]
+
+
+def test_recency_boost():
+    now = 1000 * DAY
+    assert recency_boost(now, now) == 1.0
+    assert recency_boost(now, now - 15 * DAY) == 1.0
+    assert recency_boost(now, now + 15 * DAY) == 1.0
+    assert math.isclose(recency_boost(now, now - 365 * DAY), 0.2 ** (350 / 365), rel_tol=1e-9)
+    assert math.isclose(recency_boost(now, now - 365 * DAY), 0.2137, abs_tol=1e-3)
+    assert math.isclose(recency_boost(now, now - 730 * DAY), 0.0428, abs_tol=1e-3)
+
+
+def test_on_disk_index_with_another_schema_is_refused(tmp_path):
+    path = tmp_path / "chain"
+    MutationIndex(IndexSchema(REGISTRY, pool_size=2), path, heap_size=15_000_000, num_threads=1).close()
+    with pytest.raises(FailedPrecondition, match="chain"):
+        new_index(path)
+
+
+def test_failed_batch_is_rolled_back():
+    index = new_index()
+    index.apply([put(1, "e1", tm(string1="a"))])
+    with pytest.raises(TypeError):
+        index.apply([put(2, "e2", tm(string1="b")), "not an operation"])  # type: ignore[list-item]
+    index.apply([put(3, "e3", tm(string1="c"))])
+    assert ops(search(index, all=Q.AllPredicate())) == [3, 1]
