@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from exocli.commands import cell, config, node, sec, version
+from exocli.commands import app, cell, config, daemon, deploy, dev, discovery, node, sec, store, version
 from exocli.context import Context
 from exocommon.errors import ExocoreError
 
@@ -39,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--discovery-service",
         default=os.environ.get("EXO_DISCOVERY", DEFAULT_DISCOVERY),
-        help="discovery service URL (env EXO_DISCOVERY)",
+        help="discovery mailbox URL used by `cell join` / `cell node add` (env EXO_DISCOVERY, default %(default)s; "
+        "`exo discovery daemon` serves one on http://127.0.0.1:8085)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (node, config, cell, sec, version):
+    for module in (node, config, cell, app, daemon, store, discovery, dev, deploy, sec, version):
         module.register(commands)
     return parser
 

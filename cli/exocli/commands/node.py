@@ -25,10 +25,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     init.set_defaults(handler=init_node)
 
 
-def new_node_config(name: str | None, host: str = "127.0.0.1") -> config_pb2.LocalNodeConfig:
+def new_node_config(
+    name: str | None, host: str = "127.0.0.1", ports: list[int] | None = None
+) -> config_pb2.LocalNodeConfig:
+    """`ports`: one per service plus the HTTP one (default: free ports now)."""
     keypair = Keypair.generate()
     public_key = keypair.public_key
-    ports = free_ports(len(SERVICES) + 1)
+    ports = ports or free_ports(len(SERVICES) + 1)
     addresses = config_pb2.NodeAddresses(http=[f"http://{host}:{ports[-1]}"])
     for service, port in zip(SERVICES, ports, strict=False):
         setattr(addresses, service, f"{host}:{port}")

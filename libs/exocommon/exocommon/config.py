@@ -368,6 +368,13 @@ def _validate_settings(cfg: config_pb2.LocalNodeConfig, source: str) -> None:
             "sync_interval_ms",
         ):
             _check_positive(cfg.chain, f, "chain", source)
+    if cfg.HasField("apphost"):
+        for fd in cfg.apphost.DESCRIPTOR.fields:
+            if fd.message_type is not None:  # every wrapper field must be at least 1
+                _check_positive(cfg.apphost, fd.name, "apphost", source)
+        address = cfg.apphost.store_address
+        if address and not is_grpc_address(address):
+            raise ConfigError(source, "apphost.store_address", f"expected a gRPC address 'host:port', got {address!r}")
 
 
 def _validate_role(role: int, path: str, source: str) -> None:

@@ -31,7 +31,7 @@ def test_seal_round_trip_and_randomized():
     for msg in (b"", b"x", b"entity payload" * 1000):
         sealed = seal(key, msg)
         assert open_sealed(key, sealed) == msg
-        assert msg not in sealed or msg == b""
+        assert msg not in sealed or len(msg) < 8  # a 1-byte message may appear in random bytes
         assert sealed[0] == 0x01
         assert len(sealed) == 1 + 24 + 16 + len(msg)
     assert seal(key, b"same") != seal(key, b"same")  # random nonce

@@ -97,6 +97,7 @@ async def run(setup: ChainNodeSetup, storage: LevelDbStorage) -> int:
         time_source,
         ShellConfig(tick_interval_s=engine_config.tick_interval_ns / 1e9),
         on_fatal=lambda _exc: stop.set(),
+        durability=storage,
     )
     server = ServiceServer("chain", setup.bind, registrations(service))
     try:
@@ -165,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     storage_log = logging.getLogger("exochain.storage")
     storage_log.setLevel(logging.WARNING)
     try:
-        storage = LevelDbStorage(chain_dir)
+        # Group commit: writes are made durable by the service's storage syncs (see exochain.service).
+        storage = LevelDbStorage(chain_dir, sync_writes=False)
     except ExocoreError as exc:  # busy (another process holds the LevelDB lock) or broken
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

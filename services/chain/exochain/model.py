@@ -78,6 +78,12 @@ class SignedOp:
     def size(self) -> int:
         return len(self.operation_bytes)
 
+    @property
+    def encoded_size_max(self) -> int:
+        """At least the bytes this operation adds to an encoded `Block`: its `SignedOperation` and its
+        line in the block header (what block size limits count)."""
+        return len(self.operation_bytes) + len(self.signature) + 34 * len(self.batch_proof) + 96
+
     def merkle_root(self) -> bytes | None:
         return canonical.merkle_root_from_proof(self.hash, self.batch_index, self.batch_size, list(self.batch_proof))
 

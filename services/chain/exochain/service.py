@@ -6,11 +6,17 @@ Theory of operation
 * **One owner for the engine.** The engine is not thread safe; every call to it (`append`,
   `on_message`, `tick`, and the storage reads of the read RPCs) happens on the event loop thread,
   from a gRPC handler or from the driver task, never across an `await`. Engine calls are
-  synchronous (LevelDB writes with sync=True), so two of them never interleave.
+  synchronous, so two of them never interleave.
 * **The driver task** calls `engine.tick(now)` every `tick_interval`. After *every* input (tick,
   append, delivered peer message) `_after_input` drains the engine: `take_outbox()` goes to the
-  peer links, `take_events()` to the subscribers. The engine persisted everything before
-  returning, so what is sent or published is durable (raft's Ready order: persist, send, notify).
+  peer links, `take_events()` to the subscribers, once what they depend on is durable (raft's
+  Ready order: persist, send, notify).
+* **Group commit.** The service's LevelDB writes return once they reach the OS (a killed process
+  loses none of them) without waiting for the disk; the outputs of an input are held until a
+  storage sync covers its writes, and an `Append` is answered after that sync too. One sync runs at
+  a time, in a worker thread, for everything written since the previous one: under load, many
+  appends and messages share one disk flush, and the event loop never waits for the disk. (With
+  a storage whose writes are durable when they return, as in tests, outputs go out at once.)
 * **Peer links.** Each other chain node gets a `PeerLink`: a bounded queue (the oldest message is
   dropped when it is full; pending sync and chain sync are anti-entropy protocols, so a lost
   message is repaired by a later round) and one task that signs each message in a `PeerEnvelope`
@@ -27,8 +33,12 @@ Theory of operation
   `StreamDiscontinuity` and its stream ends: it resubscribes from what it has.
 
 Pending events carry entry operations only; block proposals, signatures and refusals are the
-consensus' own business. When fork recovery removes blocks, subscribers get a `ChainTruncated`
-followed by the removed blocks' entries as pending operations again (the engine put them back in
+consensus' own business. A subscription that asks for `pending_batches` gets them as one
+`pending_batch` event per engine event (an append, a received push) rather than one `pending` event
+per operation: a stream message costs tens of microseconds of CPU on each side, more than
+everything else an operation costs, so per-operation events cap a busy node's throughput. When fork
+recovery removes blocks, subscribers get a `ChainTruncated` followed by the removed blocks' entries
+as pending operations again (the engine emits them as new pending operations: it put them back in
 the pending store).
 """
 
@@ -39,16 +49,18 @@ import enum
 import itertools
 import logging
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from exochain.core.common import ChainCell, LocalChainNode
+from exochain.core.common import ChainCell, LocalChainNode, Outgoing
 from exochain.core.engine import MAX_ENTRY_BYTES, ChainTruncated, Engine, EngineEvent, NewBlocks, NewPendingOperations
-from exochain.model import BlockView, OperationKind, SignedOp
+from exochain.model import BlockView, SignedOp
 from exocommon import canonical
 from exocommon.clock import Clock, TimeSource
 from exocommon.config import Cell, Role
@@ -69,12 +81,25 @@ APPEND_MAX_ENTRIES = 10_000
 GET_OPERATIONS_MAX_IDS = 10_000
 GET_BLOCKS_DEFAULT_COUNT = 100
 GET_BLOCKS_MAX_COUNT = 1_000
-# A GetBlocks answer stops adding blocks past this size (the channel limit is 16 MiB).
+# A GetBlocks answer stops adding blocks past this many encoded bytes (the channel limit is 16 MiB).
 GET_BLOCKS_MAX_BYTES = 8 * 1024 * 1024
+
+# A tick longer than this (or 10 tick intervals) is logged: the event loop served nothing meanwhile.
+SLOW_TICK_S = 0.5
 
 # Replay reads from storage in batches of this many blocks / operations between two writes.
 REPLAY_BATCH_BLOCKS = 64
 REPLAY_BATCH_OPERATIONS = 512
+
+
+class Durability(Protocol):
+    """Storage whose writes are not durable when they return, made durable by `sync()`."""
+
+    def has_unsynced_writes(self) -> bool: ...
+
+    def sync(self) -> None:
+        """Makes every write made before the call durable; called from a worker thread."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -86,6 +111,10 @@ class ShellConfig:
     peer_queue_len_max: int = 1_000
     peer_in_flight_max: int = 4
     peer_deadline_s: float = 5.0
+    # Flow control: an append waits until enough peers (with us, a quorum) have fewer messages than
+    # this queued or in flight, so that appends cannot outrun replication (queues, and then the
+    # pending store and the blocks, would grow without bound and every latency with them).
+    append_peer_backlog_max: int = 16
     # Per subscriber: buffered events (the original's events_stream_buffer_size); subscribers.
     subscriber_queue_len_max: int = 1_000
     subscribers_max: int = 256
@@ -187,26 +216,45 @@ _PEER_CHANNEL_OPTIONS = [
 class PeerLink:
     """Messages to one chain peer: a bounded queue drained by one task (see module docstring)."""
 
-    def __init__(self, node_id: str, address: str, signer: EnvelopeSigner, config: ShellConfig) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        signer: EnvelopeSigner,
+        config: ShellConfig,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
         self.node_id = node_id
+        self._on_progress = on_progress
+        self._in_flight = 0
         self.address = address
         self._signer = signer
         self._config = config
         self._queue: deque[chain_pb2.PeerMessage] = deque()
+        # Proposals and votes overtake the rest (see `Outgoing.urgent`).
+        self._urgent: deque[chain_pb2.PeerMessage] = deque()
         self._wakeup = asyncio.Event()
         self._reachable: bool | None = None
         self.sent = 0
         self.failed = 0
         self.dropped = 0
 
-    def offer(self, message: chain_pb2.PeerMessage) -> None:
-        if len(self._queue) >= self._config.peer_queue_len_max:
-            self._queue.popleft()
+    def offer(self, message: chain_pb2.PeerMessage, urgent: bool = False) -> None:
+        queue = self._urgent if urgent else self._queue
+        if len(queue) >= self._config.peer_queue_len_max:
+            queue.popleft()
             self.dropped += 1
             if self.dropped % 100 == 1:
                 log.warning("queue to peer %s is full; dropping its oldest messages", self.node_id)
-        self._queue.append(message)
+        queue.append(message)
         self._wakeup.set()
+
+    def _next(self) -> chain_pb2.PeerMessage | None:
+        if self._urgent:
+            return self._urgent.popleft()
+        if self._queue:
+            return self._queue.popleft()
+        return None
 
     async def run(self) -> None:
         channel = create_channel(self.address, retry=False, options=_PEER_CHANNEL_OPTIONS)
@@ -215,14 +263,16 @@ class PeerLink:
         tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
-                while not self._queue:
+                while not (self._queue or self._urgent):
                     self._wakeup.clear()
                     await self._wakeup.wait()
                 await in_flight.acquire()
-                if not self._queue:
+                message = self._next()
+                if message is None:
                     in_flight.release()
                     continue
-                envelope = self._signer.seal(self.node_id, self._queue.popleft())
+                envelope = self._signer.seal(self.node_id, message)
+                self._in_flight += 1
                 task = asyncio.create_task(self._deliver(stub, envelope, in_flight))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -255,6 +305,13 @@ class PeerLink:
             self._reachable = True
         finally:
             in_flight.release()
+            self._in_flight -= 1
+            if self._on_progress is not None:
+                self._on_progress()
+
+    def backlog(self) -> int:
+        """Messages queued or in flight."""
+        return len(self._queue) + len(self._urgent) + self._in_flight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,9 +322,11 @@ class PeerLink:
 class Subscriber:
     """One Subscribe stream's bounded queue of live events."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, pending_batches: bool = False) -> None:
         self._events: deque[chain_pb2.ChainEvent] = deque()
         self._capacity = capacity
+        # Pending operations as `pending_batch` events (else one `pending` event each).
+        self.pending_batches = pending_batches
         self._ready = asyncio.Event()
         self.discontinued = False
         self.closed = False
@@ -308,18 +367,32 @@ def _operation_id(signed: chain_pb2.SignedOperation) -> int:
     return chain_pb2.Operation.FromString(signed.operation_bytes).operation_id
 
 
-def chain_events_of(events: Iterable[EngineEvent]) -> list[chain_pb2.ChainEvent]:
-    """What subscribers see of engine events (see module docstring)."""
+def _pending_batch_event(ops: Iterable[SignedOp]) -> chain_pb2.ChainEvent:
+    return chain_pb2.ChainEvent(
+        pending_batch=chain_pb2.PendingOperations(operations=[op.to_proto() for op in ops])
+    )
+
+
+def _is_entry(op: SignedOp) -> bool:
+    return op.operation.WhichOneof("kind") == "entry"
+
+
+def chain_events_of(events: Iterable[EngineEvent], pending_batches: bool = False) -> list[chain_pb2.ChainEvent]:
+    """What subscribers see of engine events (see module docstring); `pending_batches`: pending
+    operations as one `pending_batch` event per engine event rather than one `pending` event each."""
     out: list[chain_pb2.ChainEvent] = []
     for event in events:
         if isinstance(event, NewPendingOperations):
-            out.extend(_pending_event(op) for op in event.ops if op.kind is OperationKind.ENTRY)
+            entries = [op for op in event.ops if _is_entry(op)]
+            if not pending_batches:
+                out.extend(_pending_event(op) for op in entries)
+            elif entries:
+                out.append(_pending_batch_event(entries))
         elif isinstance(event, NewBlocks):
             out.extend(chain_pb2.ChainEvent(block=block.to_proto()) for block in event.blocks)
         elif isinstance(event, ChainTruncated):
+            # The removed blocks' entries follow as a NewPendingOperations event.
             out.append(chain_pb2.ChainEvent(truncated=chain_pb2.ChainTruncated(from_offset=event.from_offset)))
-            entries = [op for block in event.blocks for op in block.operations if op.kind is OperationKind.ENTRY]
-            out.extend(_pending_event(op) for op in entries)
     return out
 
 
@@ -338,7 +411,10 @@ class ChainService:
         time_source: TimeSource,
         config: ShellConfig | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        durability: Durability | None = None,
     ) -> None:
+        """`durability`: the storage, when its writes are not durable when they return (group
+        commit, see the module docstring); None: they are."""
         self.engine = engine
         self.cell = engine.cell
         self.node_id = engine.local.node_id
@@ -347,14 +423,25 @@ class ChainService:
         self._on_fatal = on_fatal
         self._signer = EnvelopeSigner(self.cell.cell_id, engine.local, time_source)
         self.peers: dict[str, PeerLink] = {}
+        self._peer_progress = asyncio.Event()
         for node_id, address in sorted(peer_addresses.items()):
             if address:
-                self.peers[node_id] = PeerLink(node_id, address, self._signer, self.config)
+                self.peers[node_id] = PeerLink(node_id, address, self._signer, self.config, self._peer_progress.set)
             else:
                 log.warning("chain node %s has no chain address in the cell config; it gets no messages", node_id)
         self._subscribers: set[Subscriber] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self.fatal_error: BaseException | None = None
+        # Group commit: outputs waiting for the storage sync that makes their writes durable.
+        self._durability = durability
+        self._sync_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-sync") if durability is not None else None
+        )
+        self._held: list[tuple[list[Outgoing], list[EngineEvent]]] = []
+        self._syncing = False  # a sync is running for outputs taken from `_held`
+        self._sync_waiters: list[asyncio.Future[None]] = []
+        self._sync_wanted = asyncio.Event()
+        self.syncs = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -364,6 +451,8 @@ class ChainService:
         for link in self.peers.values():
             self._tasks.append(asyncio.create_task(link.run(), name=f"peer-{link.node_id[-6:]}"))
         self._tasks.append(asyncio.create_task(self._drive(), name="chain-driver"))
+        if self._durability is not None:
+            self._tasks.append(asyncio.create_task(self._sync_loop(), name="chain-sync"))
 
     def end_streams(self) -> None:
         """Ends every Subscribe stream (UNAVAILABLE): called when shutdown begins."""
@@ -377,6 +466,10 @@ class ChainService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._sync_executor is not None:
+            self._sync_executor.shutdown(wait=True)  # an fsync under way finishes before the storage closes
+        for waiter in self._sync_waiters:
+            waiter.cancel()
 
     # -- driving the engine ---------------------------------------------------------------------
 
@@ -388,6 +481,7 @@ class ChainService:
         interval = self.config.tick_interval_s
         next_tick = loop.time()
         while True:
+            started = loop.time()
             try:
                 self.engine.tick(self._now_ns())
                 self._after_input()
@@ -399,25 +493,105 @@ class ChainService:
                 if self._on_fatal is not None:
                     self._on_fatal(exc)
                 return
+            took = loop.time() - started
+            if took > max(SLOW_TICK_S, 10 * interval):
+                log.warning("engine tick took %.0f ms (tick interval %.0f ms)", took * 1000, interval * 1000)
             # Fixed rate; after a slow tick (a long sync), start again from now instead of bursting.
             next_tick = max(next_tick + interval, loop.time())
             await asyncio.sleep(next_tick - loop.time())
 
     def _after_input(self) -> None:
-        for outgoing in self.engine.take_outbox():
+        outbox = self.engine.take_outbox()
+        events = self.engine.take_events()
+        durability = self._durability
+        if durability is None or not (self._held or self._syncing or durability.has_unsynced_writes()):
+            self._release(outbox, events)
+        elif outbox or events:
+            # Sent and published once a sync covers the writes they depend on (and in order).
+            self._held.append((outbox, events))
+            self._sync_wanted.set()
+
+    async def durable(self) -> None:
+        """Returns once every write made so far is durable (at once without group commit)."""
+        durability = self._durability
+        if durability is None or not (self._held or self._syncing or durability.has_unsynced_writes()):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._sync_waiters.append(waiter)
+        self._sync_wanted.set()
+        await waiter
+
+    async def _sync_loop(self) -> None:
+        """Group commit: one storage sync (in a worker thread, so the event loop goes on) for the
+        outputs and waiters gathered meanwhile, which are released after it."""
+        assert self._durability is not None and self._sync_executor is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            held, waiters = self._held, self._sync_waiters
+            self._held, self._sync_waiters = [], []
+            self._syncing = bool(held)
+            try:
+                await loop.run_in_executor(self._sync_executor, self._durability.sync)
+            except Exception as exc:
+                log.critical("storage sync failed; stopping the chain service", exc_info=exc)
+                self.fatal_error = exc
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(Unavailable("the chain storage failed"))
+                if self._on_fatal is not None:
+                    self._on_fatal(exc)
+                return
+            self.syncs += 1
+            for outbox, events in held:
+                self._release(outbox, events)
+            self._syncing = False
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _release(self, outbox: list[Outgoing], events: list[EngineEvent]) -> None:
+        for outgoing in outbox:
             link = self.peers.get(outgoing.to_node_id)
             if link is not None:
-                link.offer(outgoing.message)
-        events = self.engine.take_events()
+                link.offer(outgoing.message, outgoing.urgent)
         if events and self._subscribers:
-            chain_events = chain_events_of(events)
+            # Built once per kind of subscription, shared by the subscribers of that kind.
+            by_kind: dict[bool, list[chain_pb2.ChainEvent]] = {}
             for subscriber in list(self._subscribers):
+                kind = subscriber.pending_batches
+                chain_events = by_kind.get(kind)
+                if chain_events is None:
+                    chain_events = by_kind[kind] = chain_events_of(events, kind)
                 subscriber.push(chain_events)
 
     # -- inputs ---------------------------------------------------------------------------------
 
+    async def append_durably(self, entries: Sequence[bytes]) -> list[int]:
+        """Appends entries (once replication has room for them); their ids are durable on this node
+        when this returns."""
+        await self._replication_room()
+        operation_ids = self.append(entries)
+        await self.durable()
+        return operation_ids
+
+    async def _replication_room(self) -> None:
+        """Waits until enough peers to make a quorum with us have a short backlog (flow control; a
+        dead peer's messages fail fast, so it never holds appends up)."""
+        links = list(self.peers.values())
+        # Peers that make a quorum together with this node.
+        needed = next((k for k in range(len(links) + 1) if self.cell.has_quorum(k + 1)), len(links))
+        limit = self.config.append_peer_backlog_max
+        while sum(1 for link in links if link.backlog() < limit) < needed:
+            self._peer_progress.clear()
+            try:
+                await asyncio.wait_for(self._peer_progress.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
     def append(self, entries: Sequence[bytes]) -> list[int]:
-        """Appends entries; their ids are durable on this node when this returns."""
+        """Appends entries; durable when this returns without group commit, else after `durable()`."""
         if not entries:
             raise InvalidArgument("append needs at least one entry")
         if len(entries) > APPEND_MAX_ENTRIES:
@@ -443,16 +617,19 @@ class ChainService:
         if len(operation_ids) > GET_OPERATIONS_MAX_IDS:
             raise InvalidArgument(f"at most {GET_OPERATIONS_MAX_IDS} operation ids per call, got {len(operation_ids)}")
         chain, pending = self.engine.chain, self.engine.pending
-        blocks: dict[int, BlockView | None] = {}
+        # Per block read for this call: the block and its operations by id.
+        blocks: dict[int, tuple[BlockView, dict[int, SignedOp]] | None] = {}
         found: list[chain_pb2.StoredOperation] = []
         for operation_id in operation_ids:
             offset = chain.block_offset_of_operation(operation_id)
             if offset is not None:
                 if offset not in blocks:
-                    blocks[offset] = chain.get_block(offset)
-                block = blocks[offset]
-                if block is not None:
-                    op = next((o for o in block.operations if o.operation_id == operation_id), None)
+                    block = chain.get_block(offset)
+                    blocks[offset] = None if block is None else (block, {o.operation_id: o for o in block.operations})
+                read = blocks[offset]
+                if read is not None:
+                    block, operations = read
+                    op = operations.get(operation_id)
                     if op is None:  # a block proposal id: the proposal itself may still be pending
                         entry = pending.get(operation_id)
                         op = entry.op if entry is not None else None
@@ -488,10 +665,12 @@ class ChainService:
         for block in itertools.islice(self.engine.chain.blocks_from(request.from_offset), max_count):
             if request.to_offset and block.offset > request.to_offset:
                 break
-            block_size = block.next_offset - block.offset
+            proto = block.to_proto()
+            # Encoded size (with signatures and batch proofs), not the block's size in the chain.
+            block_size = proto.ByteSize()
             if response.blocks and size + block_size > GET_BLOCKS_MAX_BYTES:
                 break
-            response.blocks.append(block.to_proto())
+            response.blocks.append(proto)
             size += block_size
         return response
 
@@ -523,7 +702,7 @@ class ChainService:
         """Replay, CaughtUp, then live events (see module docstring)."""
         if len(self._subscribers) >= self.config.subscribers_max:
             raise ResourceExhausted(f"too many subscribers (at most {self.config.subscribers_max})")
-        subscriber = Subscriber(self.config.subscriber_queue_len_max)
+        subscriber = Subscriber(self.config.subscriber_queue_len_max, request.pending_batches)
         # Registered before anything is read: whatever is written from now on is queued.
         self._subscribers.add(subscriber)
         try:
@@ -545,12 +724,16 @@ class ChainService:
                 entries = list(itertools.islice(self.engine.pending.range(after=last_pending), REPLAY_BATCH_OPERATIONS))
                 if not entries:
                     break
-                for entry in entries:
-                    last_pending = entry.op.operation_id
-                    # Committed ones came (or come) with their block.
-                    if entry.committed is None and entry.op.kind is OperationKind.ENTRY:
-                        replayed_pending.add(entry.op.operation_id)
-                        yield _pending_event(entry.op)
+                last_pending = entries[-1].op.operation_id
+                # Committed ones came (or come) with their block.
+                replayed = [entry.op for entry in entries if entry.committed is None and _is_entry(entry.op)]
+                replayed_pending.update(op.operation_id for op in replayed)
+                if request.pending_batches:
+                    if replayed:
+                        yield _pending_batch_event(replayed)
+                else:
+                    for op in replayed:
+                        yield _pending_event(op)
             # No await since the last (empty) reads: the queued events are exactly those that
             # may overlap the replay.
             overlap = len(subscriber)
@@ -578,6 +761,13 @@ class ChainService:
                 elif kind == "pending" and in_overlap:
                     if _operation_id(event.pending.operation) in replayed_pending:
                         continue
+                elif kind == "pending_batch" and in_overlap:
+                    operations = event.pending_batch.operations
+                    fresh = [signed for signed in operations if _operation_id(signed) not in replayed_pending]
+                    if not fresh:
+                        continue
+                    if len(fresh) < len(operations):
+                        event = chain_pb2.ChainEvent(pending_batch=chain_pb2.PendingOperations(operations=fresh))
                 yield event
             if subscriber.discontinued:
                 yield chain_pb2.ChainEvent(discontinuity=chain_pb2.StreamDiscontinuity())
@@ -610,7 +800,7 @@ class ChainLogServicer(chain_pb2_grpc.ChainLogServicer):
     async def Append(
         self, request: chain_pb2.AppendRequest, context: grpc.aio.ServicerContext
     ) -> chain_pb2.AppendResponse:
-        return chain_pb2.AppendResponse(operation_ids=self._service.append(list(request.entries)))
+        return chain_pb2.AppendResponse(operation_ids=await self._service.append_durably(list(request.entries)))
 
     async def Subscribe(
         self, request: chain_pb2.SubscribeRequest, context: grpc.aio.ServicerContext

@@ -75,6 +75,8 @@ class SimulationConfig:
     liveness_budget_ms: int = 30_000
     append_every_ms: int = 40
     tick_ms: int = 50
+    # After every step, assert that each node's incremental commit index equals a full rescan (slow).
+    check_commit_index: bool = False
     engine: EngineConfig = field(
         default_factory=lambda: EngineConfig(
             tick_interval_ns=50 * NS_PER_MS,
@@ -247,6 +249,11 @@ class Simulation:
                 self._flush(node, reliable=not faulty)
         self._deliver_due()
         self._record_quorum_blocks()
+        if self.config.check_commit_index:
+            for node in self.nodes.values():
+                if node.engine is not None:
+                    node.engine.commit_manager.index.refresh()
+                    node.engine.commit_manager.index.check()
 
     def run(self) -> None:
         steps_per_append = max(1, self.config.append_every_ms // self.config.tick_ms)
@@ -330,13 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=20, help="number of seeds from --first")
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--check-index", action="store_true", help="check the commit index after every step")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR)
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
     failures = 0
     for seed in seeds:
-        sim = Simulation(seed, SimulationConfig(nodes=args.nodes))
+        sim = Simulation(seed, SimulationConfig(nodes=args.nodes, check_commit_index=args.check_index))
         try:
             sim.run()
             height = next(iter(sim.nodes.values())).chain.block_count()

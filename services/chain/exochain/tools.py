@@ -12,7 +12,7 @@ from exochain.core.common import ChainCell
 from exochain.model import BlockView, SignatureChecker, build_genesis, validate_block, validate_genesis
 from exochain.storage.base import ChainStore
 from exocommon.errors import AlreadyExists, ExocoreError, Internal, InvalidArgument, Unavailable
-from exocommon.grpc_util import exception_from_rpc_error
+from exocommon.grpc_util import DEFAULT_MAX_MESSAGE_BYTES, exception_from_rpc_error
 from exocommon.keys import Keypair
 from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
 
@@ -89,7 +89,8 @@ def check_chain(blocks: Iterable[BlockView], cell: ChainCell) -> ChainSummary:
 
 def blocks_from_service(address: str, deadline_s: float = SERVICE_DEADLINE_S) -> Iterator[BlockView]:
     """Every block of the chain served by the chain service at `address` (ChainLog.GetBlocks pages)."""
-    with grpc.insecure_channel(address) as channel:
+    options = [("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)]
+    with grpc.insecure_channel(address, options=options) as channel:
         stub = chain_pb2_grpc.ChainLogStub(channel)
         offset = 0
         while True:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from exochain.core import pending_sync as pending_sync_module
 from exochain.core.common import (
     META_CLEANUP_HEIGHT,
     META_CLEANUP_OFFSET,
@@ -402,8 +403,9 @@ def test_a_batch_of_new_operations_is_one_request_with_the_rest_hashed():
     new = a.ops([4, 6, 7, 20])
     a.store(new)
     request = only_request(a.sync.handle_new_operations(new, NOW))
+    # The push covers [first new, last new]: nothing after it.
     assert (request.ranges[0].from_operation, request.ranges[0].from_included) == (4, True)
-    assert (request.ranges[-1].to_operation, request.ranges[-1].to_included) == (0, False)
+    assert (request.ranges[-1].to_operation, request.ranges[-1].to_included) == (20, True)
     assert sum(r.operations_count for r in request.ranges) == 7  # 4 5 6 7 8 13 20
     assert [SignedOp.from_proto(s) for r in request.ranges for s in r.operations] == new
     assert all(not r.operations_headers for r in request.ranges)
@@ -413,17 +415,72 @@ def test_a_batch_of_new_operations_is_one_request_with_the_rest_hashed():
 
 
 def test_push_that_shows_fewer_operations_than_it_counts_gets_the_missing_ones_asked_for():
-    # B missed operation 20 (say, a lost push); A's next push covers [10, inf) and counts 20 in its hash.
+    # B missed operation 20 (say, a lost push); A's next push covers [10, 30] and counts 20 in its hash.
     cluster = Cluster(2)
     a, b = cluster.nodes
     old = a.ops([1, 2, 3, 20])
     a.store(old)
     b.store(old[:3])
-    new = a.ops([10])
+    new = a.ops([10, 30])
     a.store(new)
     counts = converse(cluster, a, a.sync.handle_new_operations(new, NOW))
     assert (counts[(a.node_id, b.node_id)], counts[(b.node_id, a.node_id)]) == (2, 1)
     assert a.snapshot() == b.snapshot()
+
+
+def test_push_leaves_out_what_follows_its_range():
+    # B missed operation 20; a push of [10, 10] does not cover it: B answers nothing (the periodic
+    # whole-store check finds 20), and the push does not grow with the operations after it.
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    old = a.ops([1, 2, 3, *range(20, 120)])
+    a.store(old)
+    b.store(old[:3])
+    new = a.ops([10])
+    a.store(new)
+    request = only_request(a.sync.handle_new_operations(new, NOW))
+    assert [(r.from_operation, r.to_operation, r.operations_count) for r in request.ranges] == [(10, 10, 1)]
+    counts = converse(cluster, a, [Outgoing(b.node_id, chain_pb2.PeerMessage(pending_sync=request))])
+    assert sum(counts.values()) == 1
+    assert b.pending.get(10) is not None and b.pending.get(20) is None
+    converse(cluster, a, a.sync.tick(NOW))
+    assert a.snapshot() == b.snapshot()
+
+
+def test_big_batches_are_pushed_in_several_requests(monkeypatch):
+    monkeypatch.setattr(pending_sync_module, "PUSH_BYTES_MAX", 2_000)
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    new = a.ops(list(range(1, 41)))
+    a.store(new)
+    pushed = a.sync.handle_new_operations(new, NOW)
+    requests = [out.message.pending_sync for out in pushed]
+    assert len(requests) > 1
+    for request in requests:
+        assert sum(len(s.SerializeToString()) for r in request.ranges for s in r.operations) <= 2_000
+    counts = converse(cluster, a, pushed)
+    assert counts[(b.node_id, a.node_id)] == 0
+    assert a.snapshot() == b.snapshot()
+
+
+def test_replies_carry_a_bounded_size_of_full_operations_and_still_converge(monkeypatch):
+    monkeypatch.setattr(pending_sync_module, "REPLY_FULL_BYTES_MAX", 3_000)
+    cluster = Cluster(2)
+    a, b = cluster.nodes
+    a.store(a.ops(list(range(1, 101))))
+    replies: list[chain_pb2.PendingSyncRequest] = []
+    original = a.sync.handle_request
+
+    def recording(from_node_id, request, now_ns):
+        outgoing, new_ops = original(from_node_id, request, now_ns)
+        replies.extend(out.message.pending_sync for out in outgoing)
+        return outgoing, new_ops
+
+    monkeypatch.setattr(a.sync, "handle_request", recording)
+    converse(cluster, b, b.sync.tick(NOW))  # B, empty, asks A: A's answers carry everything over rounds
+    assert a.snapshot() == b.snapshot()
+    full_bytes = [sum(len(op.SerializeToString()) for r in reply.ranges for op in r.operations) for reply in replies]
+    assert len(replies) > 5 and 0 < max(full_bytes) <= 3_000
 
 
 def test_new_operations_must_be_stored_before_they_are_pushed():

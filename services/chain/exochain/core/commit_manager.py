@@ -67,6 +67,7 @@ from exochain.core.common import (
     META_CLEANUP_OFFSET,
     NS_PER_MS,
     ChainCell,
+    ChainSyncConfig,
     CommitManagerConfig,
     LocalChainNode,
 )
@@ -95,6 +96,10 @@ log = logging.getLogger(__name__)
 # Not a CommitManagerConfig field (the contract is frozen); proposals of other nodes are not
 # checked against it.
 MAX_OPERATIONS_PER_BLOCK = 10_000
+
+# Rounds (vote or commit, else propose) the engine lets one tick run while each makes progress: sign
+# and commit, propose the next block (and, alone in a one-node cell, sign and commit it too).
+ENGINE_ROUNDS_PER_TICK = 4
 
 
 class CommitManagerFatal(Internal):
@@ -157,36 +162,39 @@ class PendingBlocks:
     """Every proposal of the pending store, plus the index the decisions need."""
 
     blocks: dict[int, PendingBlock]
-    # Entry operations of the pending store, by id (id order).
-    entries: dict[int, PendingEntry]
     # Entry id -> group ids of the proposals holding it. Read only, and valid until the next analysis:
-    # it is the manager's cache, kept up to date across ticks rather than rebuilt.
+    # it is the manager's index, kept up to date across ticks rather than rebuilt.
     operations_blocks: dict[int, list[int]]
     # Proposals whose header does not parse (never voted on; removed once expired).
     malformed: list[SignedOp] = field(default_factory=list)
+    # Entry operations in the pending store.
+    entries_operations_count: int = 0
 
-    @property
-    def entries_operations_count(self) -> int:
-        return len(self.entries)
-
-    def potential_next_blocks(self) -> list[PendingBlock]:
+    def potential_next_blocks(self, has_quorum: Callable[[int], bool] | None = None) -> list[PendingBlock]:
         """`NEXT_POTENTIAL` proposals, most likely first: the one I signed, then the one with the
-        most valid signatures, then the oldest."""
+        most valid signatures, then the oldest. Beyond the original, with `has_quorum`: one that a
+        quorum signed comes before all (its signers committed it; see `_on_next_block`)."""
         potential = [b for b in self.blocks.values() if b.status is PendingBlockStatus.NEXT_POTENTIAL]
-        potential.sort(key=lambda b: (not b.has_my_signature, -len(b.signatures), b.group_id))
+        if has_quorum is None:
+            potential.sort(key=lambda b: (not b.has_my_signature, -len(b.signatures), b.group_id))
+        else:
+            potential.sort(
+                key=lambda b: (not has_quorum(len(b.signatures)), not b.has_my_signature, -len(b.signatures), b.group_id)
+            )
         return potential
 
-    def best_next_block(self) -> PendingBlock | None:
-        potential = self.potential_next_blocks()
+    def best_next_block(self, has_quorum: Callable[[int], bool] | None = None) -> PendingBlock | None:
+        potential = self.potential_next_blocks(has_quorum)
         return potential[0] if potential else None
 
     def in_committed_proposal(self, operation_id: int) -> bool:
         """Whether a `PAST_COMMITTED` proposal holds this operation."""
         blocks = self.blocks
-        return any(
-            blocks[group_id].status is PendingBlockStatus.PAST_COMMITTED
-            for group_id in self.operations_blocks.get(operation_id, ())
-        )
+        for group_id in self.operations_blocks.get(operation_id, ()):
+            block = blocks.get(group_id)
+            if block is not None and block.status is PendingBlockStatus.PAST_COMMITTED:
+                return True
+        return False
 
 
 @dataclass(slots=True)
@@ -241,6 +249,243 @@ class _ParsedProposal:
     verdicts: dict[tuple[str, bytes], bool] = field(default_factory=dict)
 
 
+class CommitIndex:
+    """What the commit manager needs from the pending store, derived incrementally.
+
+    A tick used to rescan the whole pending store (and look every waiting entry up in the chain); under
+    load that store holds thousands of operations, and ticks come many times per second. This index is
+    brought up to date at the start of each analysis from the store's change journal
+    (`PendingStore.changes_since`) and from the blocks appended to the chain since the last update
+    (their entries leave `uncommitted`); it rebuilds itself from a full scan when the journal no longer
+    reaches back far enough or the chain was truncated. It never writes anything.
+
+    Derived state (`check()` compares it with a full rescan, for tests):
+    * `proposals`: proposal operations by id, with `parsed` headers and `operations_blocks` (entry
+      id -> ids of the parsable proposals holding it, in proposal id order);
+    * `entry_ids`: every entry operation;
+    * `uncommitted`: entries neither committed locally nor held by the local chain;
+    * `waiting`: uncommitted entries in no parsable proposal (what the proposer counts);
+    * `heights`: entries committed locally, or uncommitted but held by the chain -> block height
+      (`by_height` groups them), what the cleanup of dangling entries reads;
+    * `changed_groups`: group ids touched since the last `take_changed_groups()`.
+    """
+
+    def __init__(self, pending: PendingStore, chain: ChainStore) -> None:
+        self._pending = pending
+        self._chain = chain
+        self.version: int | None = None  # journal position reached; None: rebuild at the next refresh
+        self.proposals: dict[int, SignedOp] = {}
+        self.parsed: dict[int, _ParsedProposal] = {}
+        self.operations_blocks: dict[int, list[int]] = {}
+        self.entry_ids: set[int] = set()
+        self.uncommitted: set[int] = set()
+        self.waiting: set[int] = set()
+        self.heights: dict[int, int] = {}
+        self.by_height: dict[int, set[int]] = {}
+        self.changed_groups: set[int] = set()
+        # The last chain block this index has seen: (offset, hash, next offset).
+        self._chain_seen: tuple[int, bytes, int] | None = None
+        self._header_heights: dict[int, int] = {}
+
+    # -- updating -----------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Brings the index up to date with the pending store and the chain."""
+        if self.version is None or not self._follow_chain():
+            self.rebuild()
+            return
+        version = self._pending.version()
+        changes = self._pending.changes_since(self.version)
+        if changes is None:
+            self.rebuild()
+            return
+        self.version = version
+        if not changes:
+            return
+        seen: set[int] = set()
+        changed_groups = self.changed_groups
+        for operation_id, group_id in changes:
+            changed_groups.add(group_id)
+            if operation_id not in seen:
+                seen.add(operation_id)
+                self._update(operation_id)
+
+    def rebuild(self) -> None:
+        """Derives everything again from a full scan of the pending store."""
+        for group_id in list(self.parsed):
+            self._forget(group_id)
+        self.changed_groups.update(self.proposals)
+        self.proposals.clear()
+        self.entry_ids.clear()
+        self.uncommitted.clear()
+        self.waiting.clear()
+        self.heights.clear()
+        self.by_height.clear()
+        self._header_heights.clear()
+        self.version = self._pending.version()
+        last = self._chain.last_block()
+        self._chain_seen = (last.offset, last.hash, last.next_offset) if last is not None else None
+        for entry in self._pending.range():
+            self._add(entry)
+        self.changed_groups.update(self.proposals)
+
+    def take_changed_groups(self) -> set[int]:
+        changed, self.changed_groups = self.changed_groups, set()
+        return changed
+
+    def _follow_chain(self) -> bool:
+        """Entries of blocks appended since the last refresh leave `uncommitted`; False if the chain
+        changed otherwise (truncated: rebuild)."""
+        last = self._chain.last_block()
+        seen = self._chain_seen
+        if last is None or seen is None:
+            return last is None and seen is None
+        offset, block_hash, next_offset = seen
+        if last.offset == offset:
+            return last.hash == block_hash
+        if last.offset < offset:
+            return False
+        head = self._chain.get_header(offset)
+        if head is None or head.hash != block_hash:
+            return False
+        for header in self._chain.headers_from(next_offset):
+            if self.uncommitted:
+                for operation_id in header.operation_ids:
+                    if operation_id in self.uncommitted:
+                        self._drop(operation_id)
+                        self._set_height(operation_id, header.height)
+            if header.offset >= last.offset:
+                break
+        self._chain_seen = (last.offset, last.hash, last.next_offset)
+        return True
+
+    def _update(self, operation_id: int) -> None:
+        entry = self._pending.get(operation_id)
+        self._drop(operation_id)
+        parsed = self.parsed.get(operation_id)
+        if parsed is not None and (entry is None or entry.op.hash != parsed.proposal_hash):
+            self.proposals.pop(operation_id, None)
+            self._forget(operation_id)
+        if entry is not None:
+            self._add(entry)
+
+    def _add(self, entry: PendingEntry) -> None:
+        operation = entry.op.operation
+        kind = operation.WhichOneof("kind")
+        operation_id = operation.operation_id
+        if kind == "entry":
+            self.entry_ids.add(operation_id)
+            if entry.committed is not None:
+                self._set_height(operation_id, entry.committed.block_height)
+                return
+            offset = self._chain.block_offset_of_operation(operation_id)
+            height = self._block_height(offset) if offset is not None else None
+            if height is not None:
+                self._set_height(operation_id, height)  # e.g. revived by a peer after we committed it
+            else:
+                self.uncommitted.add(operation_id)
+                if operation_id not in self.operations_blocks:
+                    self.waiting.add(operation_id)
+        elif kind == "block_propose":
+            self.proposals[operation_id] = entry.op
+            self._parse(entry.op)
+
+    def _drop(self, operation_id: int) -> None:
+        """Forgets what was derived from the entry `operation_id` (not its proposal role)."""
+        self.entry_ids.discard(operation_id)
+        self.uncommitted.discard(operation_id)
+        self.waiting.discard(operation_id)
+        height = self.heights.pop(operation_id, None)
+        if height is not None:
+            bucket = self.by_height[height]
+            bucket.discard(operation_id)
+            if not bucket:
+                del self.by_height[height]
+
+    def _set_height(self, operation_id: int, height: int) -> None:
+        self.heights[operation_id] = height
+        bucket = self.by_height.get(height)
+        if bucket is None:
+            self.by_height[height] = {operation_id}
+        else:
+            bucket.add(operation_id)
+
+    def _block_height(self, offset: int) -> int | None:
+        height = self._header_heights.get(offset)
+        if height is None:
+            header = self._chain.get_header(offset)
+            if header is None:
+                return None
+            height = header.height
+            if len(self._header_heights) > 4096:
+                self._header_heights.clear()
+            self._header_heights[offset] = height
+        return height
+
+    def _parse(self, proposal: SignedOp) -> _ParsedProposal:
+        """The proposal's header, parsed once per proposal operation (and indexed by operation)."""
+        group_id = proposal.operation_id
+        cached = self.parsed.get(group_id)
+        if cached is not None and cached.proposal_hash == proposal.hash:
+            return cached
+        if cached is not None:
+            self._forget(group_id)  # replaced by another operation under the same id
+        try:
+            head: BlockHeaderView | None = BlockHeaderView.parse(proposal.operation.block_propose.header_bytes)
+        except InvalidBlock as exc:
+            log.warning("proposal %d from %s: %s", group_id, proposal.node_id, exc)
+            head = None
+        parsed = _ParsedProposal(proposal.hash, head, tuple(head.operation_ids) if head is not None else ())
+        self.parsed[group_id] = parsed
+        operations_blocks = self.operations_blocks
+        waiting = self.waiting
+        for operation_id in parsed.operation_ids:
+            holders = operations_blocks.get(operation_id)
+            if holders is None:
+                operations_blocks[operation_id] = [group_id]
+                waiting.discard(operation_id)
+            elif group_id not in holders:
+                holders.append(group_id)
+                holders.sort()
+        return parsed
+
+    def _forget(self, group_id: int) -> None:
+        """Drops a proposal that left the pending store."""
+        parsed = self.parsed.pop(group_id)
+        operations_blocks = self.operations_blocks
+        for operation_id in parsed.operation_ids:
+            holders = operations_blocks.get(operation_id)
+            if holders is not None and group_id in holders:
+                holders.remove(group_id)
+                if not holders:
+                    del operations_blocks[operation_id]
+                    if operation_id in self.uncommitted:
+                        self.waiting.add(operation_id)
+
+    # -- checking -----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        """The derived state, comparable between two indexes."""
+        return {
+            "proposals": {i: op.hash for i, op in self.proposals.items()},
+            "parsed": {i: (p.proposal_hash, p.operation_ids) for i, p in self.parsed.items()},
+            "operations_blocks": {i: sorted(g) for i, g in self.operations_blocks.items()},
+            "entry_ids": set(self.entry_ids),
+            "uncommitted": set(self.uncommitted),
+            "waiting": set(self.waiting),
+            "heights": dict(self.heights),
+            "by_height": {h: set(ids) for h, ids in self.by_height.items()},
+        }
+
+    def check(self) -> None:
+        """Asserts that this index equals one rebuilt from scratch (tests)."""
+        fresh = CommitIndex(self._pending, self._chain)
+        fresh.rebuild()
+        mine, theirs = self.snapshot(), fresh.snapshot()
+        for key in mine:
+            assert mine[key] == theirs[key], f"commit index {key} differs from a full rescan"
+
+
 class CommitManager:
     """Proposes, votes on, commits and cleans up blocks; see the module docstring."""
 
@@ -253,7 +498,13 @@ class CommitManager:
         chain: ChainStore,
         meta: MetaStore,
         new_operation_id: Callable[[], int],
+        max_block_bytes: int = ChainSyncConfig().blocks_max_send_size,
+        rounds_per_tick: int = 1,
     ) -> None:
+        """`max_block_bytes`: proposals of this node stop adding operations beyond about this many
+        encoded bytes (one operation at least), so that any block fits in one chain sync answer.
+        `rounds_per_tick`: see `tick` (the engine uses `ENGINE_ROUNDS_PER_TICK`)."""
+        assert rounds_per_tick >= 1, "a tick runs one round at least"
         assert config.commit_maximum_interval_ns > 0, "commit interval must be positive"
         assert config.operations_cleanup_after_block_depth > 0, "cleanup depth must be positive"
         self.config = config
@@ -263,26 +514,46 @@ class CommitManager:
         self._chain = chain
         self._meta = meta
         self._new_operation_id = new_operation_id
-        # Caches kept across ticks, updated as proposals come and go (never the source of truth:
-        # every tick re-reads the pending store and reconciles them).
-        self._parsed: dict[int, _ParsedProposal] = {}
-        # Entry id -> group ids of the (parsable) proposals holding it.
-        self._operations_blocks: dict[int, list[int]] = {}
+        self._max_block_bytes = max_block_bytes
+        self._rounds_per_tick = rounds_per_tick
+        # Derived from the pending store and kept up to date across ticks (see `CommitIndex`).
+        self.index = CommitIndex(pending, chain)
+        # Per proposal: the analysis of the last tick and what it depended on (chain state, expiry).
+        self._analysed: dict[int, tuple[tuple[int, bytes, bool], PendingBlock]] = {}
 
     # -- public -------------------------------------------------------------------------------
 
     def tick(self, now_ns: int) -> CommitResult:
+        """Rounds of SPEC 2.8 (analyse; vote or commit, else propose), then the cleanup. Beyond the
+        original, a tick may go on while a round makes progress (at most `rounds_per_tick`; one, as
+        the original, unless configured): a block is then committed right after this node's vote
+        completes a quorum, and the next block proposed right after a commit, instead of one tick
+        later each. Cheap when nothing
+        changed: the engine also calls it right after appends and received operations."""
         result = CommitResult()
-        last = self._chain.last_block()
-        if last is None:
+        if self._chain.last_block() is None:
             return result  # no genesis yet: chain sync must download it first
         blocks = self.pending_blocks(now_ns)
-        best = blocks.best_next_block()
         try:
-            if best is not None:
-                self._on_next_block(best, blocks, result)
-            elif self._should_propose(now_ns, blocks, last.head):
-                self._propose(blocks, last.head, result)
+            for round_number in range(self._rounds_per_tick):
+                if round_number:
+                    blocks = self.pending_blocks(now_ns)
+                progress = (len(result.new_operations), len(result.committed_blocks))
+                last = self._chain.last_block()
+                assert last is not None
+                best = blocks.best_next_block(self.cell.has_quorum)
+                if best is not None:
+                    self._on_next_block(best, blocks, result)
+                elif self._should_propose(now_ns, blocks, last.head):
+                    self._propose(blocks, last.head, result)
+                    if not self.cell.has_quorum(1):
+                        # The proposer signs its proposal on a later call (a peer's signature, a tick),
+                        # as the original: meanwhile it may see a concurrent older proposal (turns are
+                        # time based) and sign that one instead, so concurrent proposals do not split
+                        # the votes. A lone chain node is a quorum by itself: it goes on.
+                        break
+                if progress == (len(result.new_operations), len(result.committed_blocks)):
+                    break
         except _OutOfSync as exc:
             log.info("%s: out of sync: %s", self.local.node_id[-6:], exc)
             result.out_of_sync = True
@@ -291,40 +562,37 @@ class CommitManager:
         return result
 
     def pending_blocks(self, now_ns: int) -> PendingBlocks:
-        """Analyses the pending store (SPEC 2.8, A) in one pass over it."""
-        entries: dict[int, PendingEntry] = {}
-        proposals: list[SignedOp] = []
-        votes: dict[int, list[SignedOp]] = {}
-        # The hot loop of a tick (every pending operation): plain string kinds, no enum, no properties.
-        for entry in self._pending.range():
-            operation = entry.op.operation
-            kind = operation.WhichOneof("kind")
-            if kind == "entry":
-                entries[operation.operation_id] = entry
-            elif kind == "block_propose":
-                proposals.append(entry.op)
-            else:
-                group = votes.get(operation.group_id)
-                if group is None:
-                    votes[operation.group_id] = [entry.op]
-                else:
-                    group.append(entry.op)
-
-        analysed = PendingBlocks({}, entries, self._operations_blocks)
-        next_offset = self._chain.next_offset()
-        seen: set[int] = set()
-        for proposal in proposals:
-            group_id = proposal.operation_id
-            seen.add(group_id)
-            parsed = self._parse(proposal)
+        """Analyses the proposals of the pending store (SPEC 2.8, A)."""
+        index = self.index
+        index.refresh()
+        changed = index.take_changed_groups()
+        analysed = PendingBlocks({}, index.operations_blocks, entries_operations_count=len(index.entry_ids))
+        last = self._chain.last_block()
+        next_offset = last.next_offset if last is not None else 0
+        last_hash = last.hash if last is not None else b""
+        cache = self._analysed
+        for group_id in [g for g in cache if g not in index.proposals or g in changed]:
+            del cache[group_id]
+        for group_id in sorted(index.proposals):
+            proposal = index.proposals[group_id]
+            parsed = index.parsed[group_id]
             if parsed.head is None:
                 analysed.malformed.append(proposal)
                 continue
-            analysed.blocks[group_id] = self._analyse(
-                proposal, parsed, tuple(votes.get(group_id, ())), now_ns, next_offset
+            expired = now_ns - _time_ns(group_id) >= self.config.block_proposal_timeout_ns
+            key = (next_offset, last_hash, expired)
+            cached = cache.get(group_id)
+            if cached is not None and cached[0] == key:
+                analysed.blocks[group_id] = cached[1]
+                continue
+            votes = tuple(
+                entry.op
+                for entry in self._pending.group(group_id)
+                if entry.op.operation.WhichOneof("kind") in ("block_sign", "block_refuse")
             )
-        for group_id in [g for g in self._parsed if g not in seen]:
-            self._forget(group_id)
+            block = self._analyse(proposal, parsed, votes, expired, next_offset)
+            cache[group_id] = (key, block)
+            analysed.blocks[group_id] = block
         return analysed
 
     def is_my_turn(self, now_ns: int) -> bool:
@@ -336,47 +604,12 @@ class CommitManager:
 
     # -- A: analysis --------------------------------------------------------------------------
 
-    def _parse(self, proposal: SignedOp) -> _ParsedProposal:
-        """The proposal's header, parsed once per proposal operation (and indexed by operation)."""
-        group_id = proposal.operation_id
-        cached = self._parsed.get(group_id)
-        if cached is not None and cached.proposal_hash == proposal.hash:
-            return cached
-        if cached is not None:
-            self._forget(group_id)  # replaced by another operation under the same id
-        try:
-            head: BlockHeaderView | None = BlockHeaderView.parse(proposal.operation.block_propose.header_bytes)
-        except InvalidBlock as exc:
-            log.warning("proposal %d from %s: %s", group_id, proposal.node_id, exc)
-            head = None
-        parsed = _ParsedProposal(proposal.hash, head, tuple(head.operation_ids) if head is not None else ())
-        self._parsed[group_id] = parsed
-        operations_blocks = self._operations_blocks
-        for operation_id in parsed.operation_ids:
-            holders = operations_blocks.get(operation_id)
-            if holders is None:
-                operations_blocks[operation_id] = [group_id]
-            else:
-                holders.append(group_id)
-        return parsed
-
-    def _forget(self, group_id: int) -> None:
-        """Drops a proposal that left the pending store from the caches."""
-        parsed = self._parsed.pop(group_id)
-        operations_blocks = self._operations_blocks
-        for operation_id in parsed.operation_ids:
-            holders = operations_blocks.get(operation_id)
-            if holders is not None and group_id in holders:
-                holders.remove(group_id)
-                if not holders:
-                    del operations_blocks[operation_id]
-
     def _analyse(
         self,
         proposal: SignedOp,
         parsed: _ParsedProposal,
         votes: tuple[SignedOp, ...],
-        now_ns: int,
+        expired: bool,
         next_offset: int,
     ) -> PendingBlock:
         head = parsed.head
@@ -400,7 +633,6 @@ class CommitManager:
                     has_my_refusal = True
                 if self.cell.is_chain_node(vote.node_id):
                     refusals.add(vote.node_id)
-        expired = now_ns - _time_ns(proposal.operation_id) >= self.config.block_proposal_timeout_ns
         status = self._status(
             proposal.operation_id, head, len(signatures), len(refusals), has_my_refusal, expired, next_offset
         )
@@ -463,12 +695,23 @@ class CommitManager:
     # -- B: vote and commit -------------------------------------------------------------------
 
     def _on_next_block(self, block: PendingBlock, blocks: PendingBlocks, result: CommitResult) -> None:
+        following = False
         if not block.has_my_signature and not block.has_my_refusal:
             vote = self._vote(block, blocks)
             if vote is _Vote.WAIT:
                 return
             me = self.local.node_id
-            if vote is _Vote.SIGN:
+            if (
+                vote is _Vote.SIGN
+                and self.cell.has_quorum(len(block.signatures))
+                and self._signed_another_at_offset(block, blocks)
+            ):
+                # Beyond the original: this node signed a concurrent proposal at this offset, and a
+                # quorum signed this one (so it ranks first, see `potential_next_blocks`): its
+                # signers committed it. Follow it, without a second signature at the same offset,
+                # instead of waiting for the timeout or for chain sync.
+                following = True
+            elif vote is _Vote.SIGN:
                 signature = sign_block(block.head, me, self.local.keypair)
                 operation = new_block_sign(self._new_operation_id(), me, block.group_id, signature.signature)
                 self._store([operation], result)
@@ -479,10 +722,17 @@ class CommitManager:
                 self._store([new_block_refuse(self._new_operation_id(), me, block.group_id)], result)
                 block.has_my_refusal = True
                 return
-        if block.has_my_signature and self.cell.has_quorum(len(block.signatures)):
+        if (block.has_my_signature or following) and self.cell.has_quorum(len(block.signatures)):
             committed = self._commit(block, blocks)
             if committed is not None:
                 result.committed_blocks.append(committed)
+
+    @staticmethod
+    def _signed_another_at_offset(block: PendingBlock, blocks: PendingBlocks) -> bool:
+        return any(
+            other.has_my_signature and other.offset == block.offset and other.group_id != block.group_id
+            for other in blocks.blocks.values()
+        )
 
     def _vote(self, block: PendingBlock, blocks: PendingBlocks) -> _Vote:
         """Sign or refuse (SPEC 2.8, B.1); raises _OutOfSync when the previous block is not ours."""
@@ -503,7 +753,7 @@ class CommitManager:
         if h.offset != previous.next_offset or h.height != previous.height + 1:
             log.info("refusing %s: it does not follow its previous block", where)
             return _Vote.REFUSE
-        local = [blocks.entries.get(operation_id) for operation_id in block.operation_ids]
+        local = self._local_entries(block.operation_ids)
         missing = [i for i, entry in zip(block.operation_ids, local, strict=True) if entry is None]
         if missing:
             if any(self._pending.get(operation_id) is not None for operation_id in missing):
@@ -531,10 +781,17 @@ class CommitManager:
             return "its operations are not sorted by id"
         return None
 
+    def _local_entries(self, operation_ids: Sequence[int]) -> list[PendingEntry | None]:
+        """The pending entry operations of these ids (None where the store has no entry of that id)."""
+        entry_ids = self.index.entry_ids
+        get = self._pending.get
+        return [get(operation_id) if operation_id in entry_ids else None for operation_id in operation_ids]
+
     def _in_chain(self, operation_id: int, blocks: PendingBlocks) -> bool:
-        entry = blocks.entries.get(operation_id)
-        if entry is not None and entry.committed is not None:
-            return True
+        index = self.index
+        if operation_id in index.entry_ids:
+            # An entry here is committed locally or in the chain exactly when the index knows its height.
+            return operation_id in index.heights
         return self._chain.block_offset_of_operation(operation_id) is not None
 
     @staticmethod
@@ -551,7 +808,7 @@ class CommitManager:
     def _commit(self, block: PendingBlock, blocks: PendingBlocks) -> BlockView | None:
         """Writes the block (SPEC 2.8, B.2); None if some operations are missing locally."""
         h = block.head.header
-        local = [blocks.entries.get(operation_id) for operation_id in block.operation_ids]
+        local = self._local_entries(block.operation_ids)
         ops = [entry.op for entry in local if entry is not None]
         if len(ops) != len(local):
             log.warning("cannot commit proposal %d yet: some operations are missing locally", block.group_id)
@@ -581,24 +838,25 @@ class CommitManager:
             return False
         if now_ns - _time_ns(last.proposed_operation_id) >= self.config.commit_maximum_interval_ns:
             return True
-        # Entries not committed locally and in no proposal: a cheap count of what waits.
-        waiting = 0
-        threshold = self.config.commit_maximum_pending_store_count
-        for operation_id, entry in blocks.entries.items():
-            if entry.committed is None and operation_id not in blocks.operations_blocks:
-                waiting += 1
-                if waiting >= threshold:
-                    return True
-        return False
+        # Entries neither committed nor in the chain, and in no proposal.
+        return len(self.index.waiting) >= self.config.commit_maximum_pending_store_count
 
     def _propose(self, blocks: PendingBlocks, last: BlockHeaderView, result: CommitResult) -> None:
+        """A proposal of the oldest entries neither committed nor in a committed proposal, within
+        `MAX_OPERATIONS_PER_BLOCK` operations and about `max_block_bytes` bytes (one at least)."""
         ops: list[SignedOp] = []
-        for operation_id, entry in blocks.entries.items():  # id order
-            if entry.committed is not None or blocks.in_committed_proposal(operation_id):
+        size = 0
+        get = self._pending.get
+        for operation_id in sorted(self.index.uncommitted):
+            if blocks.in_committed_proposal(operation_id):
                 continue
-            if self._chain.block_offset_of_operation(operation_id) is not None:
-                continue
+            entry = get(operation_id)
+            assert entry is not None and entry.committed is None, "the commit index is out of date"
+            op_size = entry.op.encoded_size_max
+            if ops and size + op_size > self._max_block_bytes:
+                break
             ops.append(entry.op)
+            size += op_size
             if len(ops) >= MAX_OPERATIONS_PER_BLOCK:
                 break
         if not ops:
@@ -631,7 +889,8 @@ class CommitManager:
                 continue
             status = block.status
             if status is PendingBlockStatus.PAST_COMMITTED:
-                present = [i for i in block.operation_ids if i in blocks.entries]
+                entry_ids = self.index.entry_ids
+                present = [i for i in block.operation_ids if i in entry_ids]
                 doomed.append(block.group_id)
                 doomed.extend(present)
                 cleaned += 1 + len(block.votes) + len(present)
@@ -663,28 +922,21 @@ class CommitManager:
         """Entries in no proposal that the chain holds deep enough (e.g. revived by a node that was
         behind); appends them to `doomed` and returns how many."""
         count = 0
-        heights: dict[int, int | None] = {}
-        for operation_id, entry in blocks.entries.items():
-            if operation_id in blocks.operations_blocks:
+        operations_blocks = blocks.operations_blocks
+        for height, operation_ids in self.index.by_height.items():
+            if height > deep_height:
                 continue
-            if entry.committed is not None:
-                height: int | None = entry.committed.block_height
-            else:
-                offset = self._chain.block_offset_of_operation(operation_id)
-                if offset is None:
-                    continue
-                if offset not in heights:
-                    header = self._chain.get_header(offset)
-                    heights[offset] = header.height if header is not None else None
-                height = heights[offset]
-            if height is not None and height <= deep_height:
-                doomed.append(operation_id)
-                count += 1
+            for operation_id in operation_ids:
+                if operation_id not in operations_blocks:
+                    doomed.append(operation_id)
+                    count += 1
         return count
 
 
 __all__ = [
+    "ENGINE_ROUNDS_PER_TICK",
     "MAX_OPERATIONS_PER_BLOCK",
+    "CommitIndex",
     "CommitManager",
     "CommitManagerFatal",
     "CommitResult",

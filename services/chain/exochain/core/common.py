@@ -108,10 +108,13 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A message the shell must send to another chain node."""
+    """A message the shell must send to another chain node. `urgent` messages (proposals and votes)
+    should overtake the others queued for that node: a proposal stuck behind a backlog of entry
+    pushes lets the next turn's proposer propose a concurrent block."""
 
     to_node_id: str
     message: chain_pb2.PeerMessage
+    urgent: bool = False
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from exochain.core.chain_sync import ChainSynchronizer
-from exochain.core.commit_manager import CommitManager
+from exochain.core.commit_manager import ENGINE_ROUNDS_PER_TICK, CommitManager
 from exochain.core.common import (
     META_CLEANUP_HEIGHT,
     META_CLEANUP_OFFSET,
@@ -54,7 +54,8 @@ class NewBlocks:
 
 @dataclass(frozen=True, slots=True)
 class ChainTruncated:
-    """Blocks from `from_offset` on were removed (fork recovery); their entries are pending again."""
+    """Blocks from `from_offset` on were removed (fork recovery); their entries are pending again (a
+    `NewPendingOperations` with them follows)."""
 
     from_offset: int
     blocks: list[BlockView]
@@ -106,7 +107,15 @@ class Engine:
         self.chain_sync = ChainSynchronizer(config.chain_sync, local, cell, chain)
         self.pending_sync = PendingSynchronizer(config.pending_sync, local, cell, pending, chain, meta, self.checker)
         self.commit_manager = CommitManager(
-            config.commit_manager, local, cell, pending, chain, meta, self.clock.consistent_time
+            config.commit_manager,
+            local,
+            cell,
+            pending,
+            chain,
+            meta,
+            self.clock.consistent_time,
+            max_block_bytes=config.chain_sync.blocks_max_send_size,
+            rounds_per_tick=ENGINE_ROUNDS_PER_TICK,
         )
         self._outbox: list[Outgoing] = []
         self._events: list[EngineEvent] = []
@@ -131,6 +140,8 @@ class Engine:
         # Pushed right away while synchronized; otherwise the periodic range sync carries them later.
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
             self._outbox.extend(self.pending_sync.handle_new_operations(ops, now_ns))
+            # If it is our turn and enough entries wait, the proposal goes out now, not at the next tick.
+            self._run_commit_manager(now_ns)
         return [op.operation_id for op in ops]
 
     def on_message(self, from_node_id: str, message: chain_pb2.PeerMessage, now_ns: int) -> None:
@@ -148,6 +159,9 @@ class Engine:
             self._outbox.extend(outgoing)
             if new_ops:
                 self._events.append(NewPendingOperations(new_ops))
+                # A proposal, a vote or entries arrived: sign, commit or propose now rather than at the
+                # next tick (each step of a commit would otherwise wait for a tick of the node concerned).
+                self._run_commit_manager(now_ns)
         elif kind == "chain_sync_request":
             self._outbox.extend(self.chain_sync.handle_request(from_node_id, message.chain_sync_request, now_ns))
         elif kind == "chain_sync_response":
@@ -163,15 +177,7 @@ class Engine:
     def tick(self, now_ns: int) -> None:
         self._outbox.extend(self.chain_sync.tick(now_ns))
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
-            result = self.commit_manager.tick(now_ns)
-            if result.new_operations:
-                self._events.append(NewPendingOperations(result.new_operations))
-                self._outbox.extend(self.pending_sync.handle_new_operations(result.new_operations, now_ns))
-            if result.committed_blocks:
-                self._events.append(NewBlocks(result.committed_blocks))
-            if result.out_of_sync:
-                log.info("commit manager found the chain out of sync; resynchronizing")
-                self.chain_sync.reset()
+            self._run_commit_manager(now_ns)
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
             self._outbox.extend(self.pending_sync.tick(now_ns))
 
@@ -203,6 +209,18 @@ class Engine:
         )
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _run_commit_manager(self, now_ns: int) -> None:
+        """One commit manager round (only while synchronized); its new operations are pushed at once."""
+        result = self.commit_manager.tick(now_ns)
+        if result.new_operations:
+            self._events.append(NewPendingOperations(result.new_operations))
+            self._outbox.extend(self.pending_sync.handle_new_operations(result.new_operations, now_ns, urgent=True))
+        if result.committed_blocks:
+            self._events.append(NewBlocks(result.committed_blocks))
+        if result.out_of_sync:
+            log.info("commit manager found the chain out of sync; resynchronizing")
+            self.chain_sync.reset()
 
     def _highest_known_id(self) -> int:
         highest = 0
@@ -237,3 +255,6 @@ class Engine:
             self.pending.set_committed([op.operation_id for op in ops], None)
         log.warning("fork recovery: removed %d block(s) from offset %d", len(blocks), blocks[0].offset)
         self._events.append(ChainTruncated(blocks[0].offset, blocks))
+        if ops:
+            # Subscribers saw them committed: they are pending again.
+            self._events.append(NewPendingOperations(ops))

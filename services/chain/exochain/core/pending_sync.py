@@ -13,8 +13,8 @@ Inputs and outputs (sans-IO: no clock, no sockets; storage is read and written s
 * `tick(now_ns)`: to each other chain node whose `RequestTracker` allows it, a whole-store request with
   hashes and counts only (anti-entropy).
 * `handle_new_operations(ops, now_ns)`: after the engine stored new local operations, one request per
-  other chain node for `[first new id, inf)` holding the new operations in full and the rest hashed, so a
-  peer that only lacked them answers nothing (low-latency push).
+  other chain node for `[first new id, last new id]` holding the new operations in full and the rest of
+  that range hashed, so a peer that only lacked them answers nothing (low-latency push).
 * `handle_request(from_node_id, request, now_ns)`: the reply (if anything differs) and the operations that
   were new in the pending store (the engine turns them into events).
 
@@ -40,15 +40,29 @@ Where this port differs, and why:
   under the same id is a conflict that is logged, ours is kept). An operation that is absent from our
   pending store but committed in our chain at or below our last cleanup height is not stored: it was
   cleaned up, and storing it again would revive it.
+* A reply holds the ranges that differ only; equal ranges are left out rather than echoed as hashes
+  (the receiver compares the ranges a request has, so leaving one out settles it the same way), so the
+  rounds after the first of a conversation cost what differs, not the whole store.
 * Every request from a peer counts as a response in its tracker (SPEC 11, quirk 17: the original never
   recorded responses, so its periodic full check backed off to 30s for good).
+* A push covers `[first new id, last new id]`, not `[first new id, inf)`: under load the original's
+  range held every operation newer than the push (thousands), which each push re-described and each
+  receiver re-hashed and compared, so its cost grew with the pending store. A push whose only news is
+  its own operations (the usual case: a batch's ids are consecutive) is answered by nothing; one whose
+  range also holds operations the peer lacks starts the usual conversation. Operations after the range
+  that a peer missed (a lost push) are found by the periodic whole-store check instead of the next push.
+* Messages stay far below the gRPC message limit whatever the store holds: a push carries at most
+  `PUSH_BYTES_MAX` bytes of operations (a bigger batch is split into several pushes) and a reply at most
+  `REPLY_FULL_BYTES_MAX` bytes of full operations; the others it would send in full go as headers, so
+  the peer asks for them again and the next round sends them (a peer that missed many operations gets
+  them over a few rounds instead of in one message that could never be delivered).
 * Conversations always end. Stores cannot always become equal: the same id may hold two versions (clock
   collisions, SPEC 11.16), and commit states differ between nodes, so one may filter out an operation the
   other still counts. The original then failed (`InvalidSyncState`) or could ping-pong forever. Here:
   - an id the remote lists that we hold, filtered out or in another version, is not asked for again;
-  - a diff that finds no difference in ids settles the range for this conversation: we echo the remote's
-    own hash and count, so it sees the range as equal. Only when the remote sent full operations but fewer
-    than its count (a push, whose other operations we may lack) do we answer with our headers instead;
+  - a diff that finds no difference in ids settles the range for this conversation: we leave it out of
+    the reply, as an equal range. Only when the remote sent full operations but fewer than its count (a
+    push, whose other operations we may lack) do we answer with our headers instead;
   - a reply identical to one already sent to that peer since it last brought us something new (within a
     request interval) is not sent again: such a conversation is stuck, and repeats what the peer has.
   The next periodic check tries again, so nothing is lost but the time to converge after a real change.
@@ -79,6 +93,13 @@ log = logging.getLogger(__name__)
 # Distinct replies sent to one peer while it brings us nothing new, before its conversation is ended
 # anyway (a hard bound; stuck conversations normally end at their first repeated reply, see `_may_reply`).
 REPLIES_WITHOUT_PROGRESS_MAX = 64
+
+# Operations pushed in one request: at most this many bytes of them (one at least), so that a push
+# stays far below the gRPC message limit (16 MiB); a bigger batch is pushed in several requests.
+PUSH_BYTES_MAX = 4 * 1024 * 1024
+# Operations sent in full in one reply: at most this many bytes (one at least); the others of the
+# reply go as headers, which makes the peer ask for them again (each round sends the next ones).
+REPLY_FULL_BYTES_MAX = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +190,15 @@ class SyncRangesBuilder:
     """Builds the ranges of a request from operations pushed in id order, starting a new range once the
     current one holds more than `max_operations_per_range` operations."""
 
-    def __init__(self, max_operations_per_range: int) -> None:
+    def __init__(self, max_operations_per_range: int, full_bytes_max: int | None = None) -> None:
+        """`full_bytes_max`: once the operations added in full reach this many bytes, the next ones
+        are added as headers instead (None: no limit)."""
         if max_operations_per_range < 1:
             raise ValueError("max_operations_per_range must be at least 1")
         self._max_operations_per_range = max_operations_per_range
         self._ranges: list[_RangeDraft] = []
+        self._full_bytes_max = full_bytes_max
+        self._full_bytes = 0
 
     def __len__(self) -> int:
         return len(self._ranges)
@@ -202,6 +227,12 @@ class SyncRangesBuilder:
         last.upper = SyncBound(op.operation_id, True)
         last.count += 1
         last.hashes.append(op.hash)
+        if details is OperationDetails.FULL and self._full_bytes_max is not None:
+            size = op.encoded_size_max
+            if self._full_bytes and self._full_bytes + size > self._full_bytes_max:
+                details = OperationDetails.HEADER
+            else:
+                self._full_bytes += size
         if details is OperationDetails.FULL:
             last.full.append(op)
         elif details is OperationDetails.HEADER:
@@ -317,8 +348,10 @@ class PendingSynchronizer:
         self._requests_sent += len(outgoing)
         return outgoing
 
-    def handle_new_operations(self, ops: Sequence[SignedOp], now_ns: int) -> list[Outgoing]:
-        """Pushes new local operations, already stored, to every chain peer in one request each."""
+    def handle_new_operations(self, ops: Sequence[SignedOp], now_ns: int, urgent: bool = False) -> list[Outgoing]:
+        """Pushes new local operations, already stored, to every chain peer: per chunk of at most
+        `PUSH_BYTES_MAX` bytes of them, one request for the range [first, last] of the chunk.
+        `urgent`: see `Outgoing` (the engine marks the commit manager's operations so)."""
         if not ops:
             return []
         foreign = [op for op in ops if op.node_id != self._local.node_id]
@@ -327,25 +360,30 @@ class PendingSynchronizer:
         peer_ids = self._peer_ids()
         if not peer_ids:
             return []
-        new_ids = {op.operation_id for op in ops}
-        first = SyncBound(min(new_ids), True)
         from_height = self.from_block_height()
+        outgoing: list[Outgoing] = []
+        for chunk in _chunks_by_size(sorted(ops, key=lambda op: op.operation_id), PUSH_BYTES_MAX):
+            message = _peer_message(self._push_request(chunk, from_height))
+            outgoing.extend(Outgoing(peer_id, message, urgent) for peer_id in peer_ids)
+        self._requests_sent += len(outgoing)
+        return outgoing
+
+    def _push_request(self, ops: Sequence[SignedOp], from_height: int | None) -> chain_pb2.PendingSyncRequest:
+        """One request for [first, last] of `ops` (sorted): theirs in full, the rest of ours in it hashed."""
+        new_ids = {op.operation_id for op in ops}
+        first, last = SyncBound(ops[0].operation_id, True), SyncBound(ops[-1].operation_id, True)
         builder = SyncRangesBuilder(self._config.max_operations_per_range)
         builder.push_new_range(first)
         pushed = 0
-        for entry in self._entries(first, UNBOUNDED, from_height):
+        for entry in self._entries(first, last, from_height):
             is_new = entry.op.operation_id in new_ids
             pushed += is_new
             builder.push_operation(entry.op, OperationDetails.FULL if is_new else OperationDetails.HASH)
         if pushed != len(new_ids):
             # Persist before send: a peer must never learn of an operation we could lose.
             raise ValueError("new operations must be in the pending store before they are pushed")
-        builder.set_last_range_upper(UNBOUNDED)
-        message = _peer_message(
-            chain_pb2.PendingSyncRequest(ranges=builder.build(), from_block_height=from_height or 0)
-        )
-        self._requests_sent += len(peer_ids)
-        return [Outgoing(peer_id, message) for peer_id in peer_ids]
+        builder.set_last_range_upper(last)
+        return chain_pb2.PendingSyncRequest(ranges=builder.build(), from_block_height=from_height or 0)
 
     def handle_request(
         self, from_node_id: str, request: chain_pb2.PendingSyncRequest, now_ns: int
@@ -366,7 +404,7 @@ class PendingSynchronizer:
             return [], []
         from_height = self.from_block_height(request.from_block_height)
         received_ids, new_ops = self._store_received(from_node_id, request)
-        builder = SyncRangesBuilder(self._config.max_operations_per_range)
+        builder = SyncRangesBuilder(self._config.max_operations_per_range, REPLY_FULL_BYTES_MAX)
         changed = False
         for sync_range in request.ranges:
             changed |= self._answer_range(sync_range, received_ids, from_height, builder)
@@ -417,6 +455,20 @@ class PendingSynchronizer:
             if passes_height_filter(entry, from_height):
                 yield entry
 
+    def _operations(self, lower: SyncBound, upper: SyncBound, from_height: int | None) -> list[SignedOp]:
+        """Ours in the range after the height filter (`_entries` without the generator, for the hot path)."""
+        arguments = store_range_arguments(lower, upper)
+        if arguments is None:
+            return []
+        entries = self._pending.range(*arguments)
+        if from_height is None:
+            return [entry.op for entry in entries]
+        return [
+            entry.op
+            for entry in entries
+            if entry.committed is None or entry.committed.block_height >= from_height
+        ]
+
     def _may_reply(self, peer_id: str, reply_digest: int, made_progress: bool, now_ns: int) -> bool:
         """Whether to send this reply to `peer_id`: not if we already sent the same one since the peer last
         brought us something new (within a request interval). A conversation that stores nothing new on
@@ -450,12 +502,14 @@ class PendingSynchronizer:
         from_height: int | None,
         builder: SyncRangesBuilder,
     ) -> bool:
-        """Adds our answer for one range to `builder`; True if the range differs (a reply is needed)."""
+        """Adds our answer for one range to `builder`; True if the range differs (a reply is needed).
+        A range that is equal (or settled) is left out of the reply: the original echoed it as a hash,
+        which made every round of a conversation re-hash the whole store on both sides."""
         lower, upper = SyncBound.lower_of(remote), SyncBound.upper_of(remote)
-        local_ops = [entry.op for entry in self._entries(lower, upper, from_height)]
-        local_hash = canonical.operations_hash([op.hash for op in local_ops])
-        if local_hash == remote.operations_hash and len(local_ops) == remote.operations_count:
-            builder.push_hashed_range(lower, upper, local_hash, len(local_ops))
+        local_ops = self._operations(lower, upper, from_height)
+        if len(local_ops) == remote.operations_count and (
+            canonical.operations_hash([op.hash for op in local_ops]) == remote.operations_hash
+        ):
             return False
         details = plan_differing_range(remote, local_ops, received_ids, _HeldIds(self._pending))
         if details is None:
@@ -464,9 +518,9 @@ class PendingSynchronizer:
                 lower,
                 upper,
             )
-            # Echo the remote's own hash and count: it then sees this range as settled. Our own hash would
-            # make it answer with headers again, and two such ranges can keep a conversation going forever.
-            builder.push_hashed_range(lower, upper, remote.operations_hash, remote.operations_count)
+            # Settled for this conversation: left out of the reply (as if we had echoed the remote's own
+            # hash and count). Our own hash would make it answer with headers again, and two such ranges
+            # could keep a conversation going forever.
             return False
         builder.push_new_range(lower)
         for op, op_details in zip(local_ops, details, strict=True):
@@ -545,6 +599,18 @@ class _HeldIds:
         return isinstance(operation_id, int) and self._pending.get(operation_id) is not None
 
 
+def _chunks_by_size(ops: Sequence[SignedOp], bytes_max: int) -> Iterator[Sequence[SignedOp]]:
+    """`ops` in consecutive chunks of at most `bytes_max` bytes each (one operation at least)."""
+    start = size = 0
+    for index, op in enumerate(ops):
+        op_size = op.encoded_size_max
+        if index > start and size + op_size > bytes_max:
+            yield ops[start:index]
+            start, size = index, 0
+        size += op_size
+    yield ops[start:]
+
+
 def _peer_message(request: chain_pb2.PendingSyncRequest) -> chain_pb2.PeerMessage:
     return chain_pb2.PeerMessage(pending_sync=request)
 
@@ -557,7 +623,9 @@ def _invalid_ranges_reason(request: chain_pb2.PendingSyncRequest) -> str | None:
 
 
 __all__ = [
+    "PUSH_BYTES_MAX",
     "REPLIES_WITHOUT_PROGRESS_MAX",
+    "REPLY_FULL_BYTES_MAX",
     "UNBOUNDED",
     "OperationDetails",
     "PendingSyncStatistics",

@@ -90,6 +90,15 @@ class PendingStore(Protocol):
 
     def count(self) -> int: ...
 
+    def version(self) -> int:
+        """Number of changes applied so far (each put, commit status change or delete of an operation)."""
+        ...
+
+    def changes_since(self, version: int) -> list[tuple[int, int]] | None:
+        """`(operation id, group id)` of the operations changed after `version`, oldest first (an id may
+        repeat; `get` gives its current state); None when the store no longer knows (rescan it)."""
+        ...
+
     def set_committed(self, operation_ids: Iterable[int], status: CommitStatus | None) -> None:
         """Local commit status of operations (None: back to uncommitted, after a truncation)."""
         ...

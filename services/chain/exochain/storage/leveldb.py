@@ -11,7 +11,10 @@ Keys (integers are 8-byte big-endian, so key order is numeric order):
 * ``m`` key (utf-8)       -> decimal integer (`MetaStore`)
 
 Every mutation is one write batch, synced to disk unless `sync_writes=False`: atomic, and durable
-when the call returns (a SIGKILL right after loses nothing). The pending store is small (operations
+when the call returns (a SIGKILL right after loses nothing). With `sync_writes=False` (the service)
+a write is in the OS when the call returns, which a killed process cannot lose, and `sync()` makes
+every write so far durable on disk: the service calls it in a worker thread and answers appends and
+sends messages only after it (group commit: one disk sync for all the writes of that moment). The pending store is small (operations
 are cleaned up a few blocks after being committed) and read a lot by pending sync, so it is
 mirrored in memory (loaded on open) and read from there, which also gives its group index
 (rebuilt from the operations' group ids, so none is stored); the chain keeps its last block and a few
@@ -23,6 +26,7 @@ Thread safety: mutations are serialized by one lock; reads may run concurrently 
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 from collections import OrderedDict
@@ -96,6 +100,11 @@ class LevelDbStorage:
         except plyvel.Error as exc:
             raise StorageCorrupted(f"cannot open chain storage at {self.path}: {_error_text(exc)}") from exc
         self._lock = threading.RLock()
+        # Durability bookkeeping of `sync()` (writes made / covered by a sync; first log to sync).
+        self._writes = 0
+        self._synced_writes = 0
+        self._log_synced_from = 0
+        self._sync_lock = threading.Lock()
         try:
             self.chain = LevelDbChainStore(self)
             self.pending = LevelDbPendingStore(self)
@@ -129,8 +138,61 @@ class LevelDbStorage:
         self.close()
 
     def _batch(self) -> WriteBatch:
-        # transaction=False with an explicit write(): nothing reaches the DB unless write() is called.
+        # transaction=False with an explicit write(): nothing reaches the DB unless _write() is called.
         return self._db.write_batch(sync=self.sync_writes)
+
+    def _write(self, batch: WriteBatch) -> None:
+        batch.write()
+        self._writes += 1
+
+    # -- durability ---------------------------------------------------------------------------
+
+    def has_unsynced_writes(self) -> bool:
+        """Whether a write returned since the last `sync()` without being durable yet."""
+        return not self.sync_writes and self._writes != self._synced_writes
+
+    def sync(self) -> None:
+        """Makes every write that returned before this call durable (a no-op with `sync_writes`).
+
+        For group commit: the writes themselves only reach the OS (which is enough to survive the
+        process being killed), and one `sync()` then covers all of them, from any thread, without
+        entering LevelDB's write path. A LevelDB write with sync=true would queue behind (and hold up)
+        the writers: this syncs LevelDB's write-ahead log files instead (each write is in the newest
+        log when it returns; an older log, still unsynced after a memtable switch, is synced too until
+        LevelDB has compacted it into a table file, which it syncs itself, and deleted it)."""
+        if self.sync_writes:
+            return
+        target = self._writes
+        if target == self._synced_writes:
+            return
+        with self._sync_lock:
+            numbers = sorted(
+                int(path.stem) for path in self.path.glob("*.log") if path.stem.isdigit()
+            )
+            fresh = [n for n in numbers if n >= self._log_synced_from]
+            if not fresh:
+                # Not the layout expected: let LevelDB sync its log (slower, but always right).
+                self._db.write_batch(sync=True).write()
+            else:
+                if fresh[-1] != self._log_synced_from:
+                    _fsync_path(self.path)  # a new log file: its directory entry must be durable too
+                for number in fresh:
+                    _fsync_path(self.path / f"{number:06d}.log", missing_ok=True)
+                self._log_synced_from = fresh[-1]
+            self._synced_writes = max(self._synced_writes, target)
+
+
+def _fsync_path(path: Path, missing_ok: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if missing_ok:
+            return  # a log LevelDB compacted and deleted meanwhile: its content is in a synced table
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -248,7 +310,7 @@ class LevelDbChainStore:
             for operation_id in block_indexed_operation_ids(block):
                 batch.put(_key(_OP_INDEX, operation_id), offset_bytes)
             batch.put(_CHAIN_STATE, _U64_PAIR.pack(block.offset, self._count + 1))
-            batch.write()
+            self._storage._write(batch)
             self._last = block
             self._count += 1
             self._remember(block)
@@ -275,7 +337,7 @@ class LevelDbChainStore:
                 batch.delete(_CHAIN_STATE)
             else:
                 batch.put(_CHAIN_STATE, _U64_PAIR.pack(new_last_offset, count))
-            batch.write()
+            self._storage._write(batch)
             with self._recent_lock:
                 for block in removed:
                     self._recent.pop(block.offset, None)
@@ -347,6 +409,12 @@ class LevelDbPendingStore:
     def count(self) -> int:
         return self._index.count()
 
+    def version(self) -> int:
+        return self._index.version()
+
+    def changes_since(self, version: int) -> list[tuple[int, int]] | None:
+        return self._index.changes_since(version)
+
     # -- writes -------------------------------------------------------------------------------
 
     def put(self, ops: Iterable[SignedOp]) -> list[bool]:
@@ -367,7 +435,7 @@ class LevelDbPendingStore:
                 if previous is not None and previous.committed is not None and entry.committed is None:
                     batch.delete(_COMMIT + id_bytes)
             if writes:
-                batch.write()
+                self._storage._write(batch)
             index.apply_put(plan.entries)
             return plan.existed
 
@@ -384,7 +452,7 @@ class LevelDbPendingStore:
                 value = _U64_PAIR.pack(status.block_offset, status.block_height)
                 for operation_id in changed:
                     batch.put(_key(_COMMIT, operation_id), value)
-            batch.write()
+            self._storage._write(batch)
             self._index.apply_put(changed)
 
     def delete(self, operation_ids: Iterable[int]) -> None:
@@ -399,7 +467,7 @@ class LevelDbPendingStore:
                 batch.delete(_PENDING + id_bytes)
                 if entry.committed is not None:
                     batch.delete(_COMMIT + id_bytes)
-            batch.write()
+            self._storage._write(batch)
             self._index.apply_delete(doomed)
 
 
@@ -419,7 +487,7 @@ class LevelDbMetaStore:
         with self._lock:
             batch = self._storage._batch()
             batch.put(_META + key.encode(), str(int(value)).encode())
-            batch.write()
+            self._storage._write(batch)
 
 
 __all__ = [

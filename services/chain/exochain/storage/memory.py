@@ -22,6 +22,10 @@ from exochain.storage.base import CommitStatus, InvalidNextBlock, PendingEntry
 # Above this many deletions at once, the sorted id list is rebuilt instead of edited in place.
 _BULK_DELETE = 32
 
+# Changes the pending store's journal keeps at least (`PendingIndex.changes_since`); a consumer that
+# falls further behind rescans the store instead.
+JOURNAL_LEN_MIN = 1 << 16
+
 
 def block_indexed_operation_ids(block: BlockView) -> list[int]:
     """Operation ids the chain's operation index maps to `block`: its entries and its proposal id."""
@@ -103,12 +107,20 @@ class PendingIndex:
 
     Reads, plus the two-step mutations shared with the durable store: `plan_*` computes what a
     mutation changes without changing anything, `apply_*` applies it (after the durable store has
-    persisted it)."""
+    persisted it).
+
+    Every applied change (insert, replace, commit status, delete) is also appended to a journal of
+    `(operation id, group id)`, numbered by `version()`: a consumer that derives state from the store
+    (the commit manager's index) reads `changes_since(its version)` instead of rescanning the store.
+    The journal keeps at least the last `JOURNAL_LEN_MIN` changes; an older version gets None (rescan)."""
 
     def __init__(self) -> None:
         self._entries: dict[int, PendingEntry] = {}
         self._ids: list[int] = []
         self._groups: dict[int, set[int]] = {}
+        self._journal: list[tuple[int, int]] = []
+        # Version of the change before journal[0] (the journal holds versions start+1 ... start+len).
+        self._journal_start = 0
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -139,6 +151,25 @@ class PendingIndex:
 
     def count(self) -> int:
         return len(self._entries)
+
+    def version(self) -> int:
+        """Number of changes applied since the store was created (or opened)."""
+        return self._journal_start + len(self._journal)
+
+    def changes_since(self, version: int) -> list[tuple[int, int]] | None:
+        """`(operation id, group id)` of every change after `version`, oldest first (an id may repeat;
+        its current state is `get(id)`); None if the journal no longer goes back that far."""
+        index = version - self._journal_start
+        if index < 0 or index > len(self._journal):
+            return None
+        return self._journal[index:]
+
+    def _record(self, operation_id: int, group_id: int) -> None:
+        journal = self._journal
+        journal.append((operation_id, group_id))
+        if len(journal) >= 2 * JOURNAL_LEN_MIN:
+            del journal[:JOURNAL_LEN_MIN]
+            self._journal_start += JOURNAL_LEN_MIN
 
     # -- planning -----------------------------------------------------------------------------
 
@@ -205,6 +236,9 @@ class PendingIndex:
             else:
                 members.add(operation_id)
             current[operation_id] = entry
+            self._record(operation_id, group_id)
+            if previous is not None and previous.op.group_id != group_id:
+                self._record(operation_id, previous.op.group_id)
 
     def apply_delete(self, entries: Iterable[PendingEntry]) -> None:
         removed: set[int] = set()
@@ -215,6 +249,7 @@ class PendingIndex:
             if previous is not None:
                 removed.add(operation_id)
                 self._ungroup(previous.op.group_id, operation_id)
+                self._record(operation_id, previous.op.group_id)
         if not removed:
             return
         ids = self._ids
@@ -259,6 +294,7 @@ class MemoryMetaStore:
 
 
 __all__ = [
+    "JOURNAL_LEN_MIN",
     "MemoryChainStore",
     "MemoryMetaStore",
     "MemoryPendingStore",

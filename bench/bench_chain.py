@@ -1,0 +1,401 @@
+"""Chain benchmark (`make bench-chain`): a 3-node cell on loopback, each node a real `python -m exochain`
+process (the integration tests' `cluster.py`), driven by one asyncio gRPC client process.
+
+Prints, per chain configuration (the original's defaults, then a tuned one):
+
+* committed entries/s with 1 and with 16 concurrent appenders, each sending batches of
+  `--batch` entries of `--entry-bytes` bytes as fast as its appends return (closed loop);
+* append latency (the call returns once the entries are durable on the node) and
+  append-to-committed latency (from the call until the block holding the entry reaches the node's
+  `ChainLog.Subscribe` stream), p50/p99, for those runs and for a light "probe" load (one appender,
+  one entry per call, `--probe-rate` calls/s);
+* the time an empty node (chain wiped back to its genesis) takes to catch up a chain of at least
+  `--catchup-ops` committed operations, and the operations/s that makes;
+* CPU seconds used by each node and by this client per run (2 cores are shared by all of them).
+
+Appenders are spread round-robin over the three nodes; every node has one subscriber (as a store
+would: blocks and pending operations, the latter in batches), which also gives the commit times. Committed entries/s counts the entries of the blocks
+seen on node 1 between `--warmup` seconds after the start and the end of the run. It never asserts
+anything about timings: it measures and prints.
+
+    .venv/bin/python bench/bench_chain.py [--configs default,tuned] [--duration 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from cluster import Cluster  # noqa: E402
+
+from exocore.chain.v1 import chain_pb2, chain_pb2_grpc  # noqa: E402
+
+# node.yaml `chain:` settings of each configuration ({}: every default, i.e. the original's
+# 3 s commit interval, 7 s proposal timeout, 10 waiting entries to propose, 100 ms ticks, 5 s syncs).
+CONFIGS: dict[str, dict[str, int]] = {
+    "default": {},
+    "tuned": {
+        "commit_interval_ms": 200,
+        "tick_interval_ms": 20,
+    },
+}
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+@dataclass
+class RunResult:
+    name: str
+    appended: int = 0
+    committed_in_window: int = 0
+    window_s: float = 0.0
+    append_ms: list[float] = field(default_factory=list)
+    commit_ms: list[float] = field(default_factory=list)
+    uncommitted: int = 0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    blocks: int = 0
+    discontinuities: int = 0
+
+    def print(self) -> None:
+        rate = self.committed_in_window / self.window_s if self.window_s else 0.0
+        entries_per_block = self.committed_in_window / self.blocks if self.blocks else 0.0
+        print(
+            f"  {self.name}: {rate:,.0f} committed entries/s "
+            f"({self.appended:,} appended, {self.blocks} blocks in window, ~{entries_per_block:,.0f} entries/block)"
+        )
+        print(
+            f"    append latency p50 {percentile(self.append_ms, 50):.2f} ms, p99 {percentile(self.append_ms, 99):.2f} ms"
+            f" ({len(self.append_ms)} calls)"
+        )
+        print(
+            f"    append-to-committed p50 {percentile(self.commit_ms, 50):.1f} ms, "
+            f"p99 {percentile(self.commit_ms, 99):.1f} ms ({len(self.commit_ms)} entries"
+            + (f", {self.uncommitted} not committed within the drain time" if self.uncommitted else "")
+            + ")"
+        )
+        if self.discontinuities:
+            print(f"    subscriber streams discontinued {self.discontinuities} time(s) (queue overflow; resubscribed)")
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in self.cpu_s.items())
+        print(f"    CPU seconds: {cpu} (run of {self.window_s:.1f} s measured window)")
+
+
+class Bench:
+    def __init__(self, cluster: Cluster, args: argparse.Namespace) -> None:
+        self.cluster = cluster
+        self.args = args
+        self.channels = [grpc.aio.insecure_channel(n.address, options=CHANNEL_OPTIONS) for n in cluster.nodes]
+        self.stubs = [chain_pb2_grpc.ChainLogStub(c) for c in self.channels]
+        # Per node: op id -> monotonic time of the call that appended it (until seen committed there).
+        self.outstanding: list[dict[int, float]] = [{} for _ in cluster.nodes]
+        self.commit_ms: list[float] = []
+        # (monotonic time, entries) of each block seen on node 1.
+        self.blocks_seen: list[tuple[float, int]] = []
+        self.subscriptions: list[asyncio.Task[None]] = []
+        self.payload = os.urandom(args.entry_bytes)
+        self.discontinuities = 0
+        # Entries of the blocks seen on node 1 since its subscription started.
+        self.entries_seen = 0
+
+    async def close(self) -> None:
+        for task in self.subscriptions:
+            task.cancel()
+        await asyncio.gather(*self.subscriptions, return_exceptions=True)
+        for channel in self.channels:
+            await channel.close()
+
+    async def status(self, index: int) -> chain_pb2.ChainStatus:
+        return await self.stubs[index].Status(chain_pb2.StatusRequest(), timeout=10)
+
+    async def wait_synchronized(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = []
+            for index, node in enumerate(self.cluster.nodes):
+                if node.running:
+                    try:
+                        statuses.append(await self.status(index))
+                    except grpc.aio.AioRpcError:
+                        statuses.append(None)
+            if all(s is not None and s.sync_status == "synchronized" for s in statuses):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"cell not synchronized after {timeout} s: {statuses}")
+            await asyncio.sleep(0.1)
+
+    def subscribe_all(self) -> None:
+        for index in range(len(self.cluster.nodes)):
+            self.subscriptions.append(asyncio.create_task(self._subscribe(index)))
+
+    async def _subscribe(self, index: int) -> None:
+        """Records commit times from the node's block events; resubscribes after a discontinuity (its
+        queue overflowed: the blocks missed meanwhile come in the replay, late)."""
+        from_offset = (await self.status(index)).last_offset
+        from_pending = 2**64 - 1  # no replay of what is pending now: live events only
+        outstanding = self.outstanding[index]
+        while True:
+            request = chain_pb2.SubscribeRequest(
+                has_from_block_offset=True,
+                from_block_offset=from_offset,
+                from_pending_operation_id=from_pending,
+                pending_batches=True,
+            )
+            try:
+                async for event in self.stubs[index].Subscribe(request):
+                    kind = event.WhichOneof("event")
+                    if kind == "discontinuity":
+                        self.discontinuities += 1
+                        break
+                    if kind != "block":
+                        continue
+                    now = time.monotonic()
+                    header = chain_pb2.BlockHeader.FromString(event.block.header_bytes)
+                    from_offset = header.offset
+                    if index == 0:
+                        self.blocks_seen.append((now, len(header.operations_header)))
+                        self.entries_seen += len(header.operations_header)
+                    if outstanding:
+                        for op in header.operations_header:
+                            started = outstanding.pop(op.operation_id, None)
+                            if started is not None:
+                                self.commit_ms.append((now - started) * 1000)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.2)
+
+    async def _append(self, node: int, entries: list[bytes], result: RunResult) -> None:
+        started = time.monotonic()
+        response = await self.stubs[node].Append(chain_pb2.AppendRequest(entries=entries), timeout=30)
+        result.append_ms.append((time.monotonic() - started) * 1000)
+        outstanding = self.outstanding[node]
+        for operation_id in response.operation_ids:
+            outstanding[operation_id] = started
+        result.appended += len(entries)
+
+    def _entries(self, count: int, sequence: int) -> list[bytes]:
+        prefix = sequence.to_bytes(8, "big")
+        return [prefix + i.to_bytes(4, "big") + self.payload[12:] for i in range(count)]
+
+    async def run(self, name: str, appenders: int, batch: int, duration: float, rate: float | None = None) -> RunResult:
+        """`appenders` closed-loop appenders (or one paced at `rate` calls/s) for `duration` seconds."""
+        result = RunResult(name)
+        self.commit_ms = []
+        self.blocks_seen = []
+        for outstanding in self.outstanding:
+            outstanding.clear()
+        pids = {f"node{i + 1}": n.process.pid for i, n in enumerate(self.cluster.nodes) if n.process is not None}
+        pids["client"] = os.getpid()
+        cpu_before = {k: cpu_seconds(p) for k, p in pids.items()}
+        discontinuities = self.discontinuities
+        start = time.monotonic()
+        stop_at = start + duration
+
+        async def appender(number: int) -> None:
+            node = number % len(self.cluster.nodes)
+            sequence = number << 32
+            next_call = time.monotonic()
+            while time.monotonic() < stop_at:
+                sequence += 1
+                await self._append(node, self._entries(batch, sequence), result)
+                if rate:
+                    next_call += 1 / rate
+                    await asyncio.sleep(max(0.0, next_call - time.monotonic()))
+
+        await asyncio.gather(*(appender(i) for i in range(appenders)))
+        end = time.monotonic()
+        cpu_after = {k: cpu_seconds(p) for k, p in pids.items()}
+        # Drain: give what was appended time to be committed (for the latency figures).
+        drain_deadline = time.monotonic() + self.args.drain
+        while any(self.outstanding) and time.monotonic() < drain_deadline:
+            await asyncio.sleep(0.05)
+        window_start = start + min(self.args.warmup, duration / 2)
+        in_window = [(t, n) for t, n in self.blocks_seen if window_start <= t <= end]
+        result.committed_in_window = sum(n for _, n in in_window)
+        result.blocks = len(in_window)
+        result.window_s = end - window_start
+        result.commit_ms = list(self.commit_ms)
+        result.uncommitted = sum(len(o) for o in self.outstanding)
+        result.cpu_s = {k: cpu_after[k] - cpu_before[k] for k in pids}
+        result.discontinuities = self.discontinuities - discontinuities
+        return result
+
+    async def committed_operations(self, index: int) -> tuple[int, int]:
+        """(entries, blocks) in the chain of node `index`, read through GetBlocks."""
+        entries = blocks = 0
+        from_offset = 0
+        while True:
+            response = await self.stubs[index].GetBlocks(
+                chain_pb2.GetBlocksRequest(from_offset=from_offset, max_count=1000), timeout=60
+            )
+            if not response.blocks:
+                return entries, blocks
+            for block in response.blocks:
+                header = chain_pb2.BlockHeader.FromString(block.header_bytes)
+                entries += len(header.operations_header)
+                blocks += 1
+                from_offset = header.offset + len(block.header_bytes) + header.operations_size
+
+    async def fill_chain(self, operations: int, timeout: float = 1800) -> None:
+        """Appends (16 appenders) until node 1's chain holds at least `operations` entries."""
+        base, _ = await self.committed_operations(0)
+        seen_at_base = self.entries_seen
+        missing = operations - base
+        if missing > 0:
+            per_appender = missing // (16 * self.args.batch) + 1
+            sequence = 0
+
+            async def appender(number: int) -> None:
+                nonlocal sequence
+                for _ in range(per_appender):
+                    sequence += 1
+                    entries = self._entries(self.args.batch, (1 << 40) + sequence)
+                    await self.stubs[number % 3].Append(chain_pb2.AppendRequest(entries=entries), timeout=60)
+
+            await asyncio.gather(*(appender(i) for i in range(16)))
+        deadline = time.monotonic() + timeout
+        while base + self.entries_seen - seen_at_base < operations:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the chain did not reach {operations} entries in {timeout} s")
+            await asyncio.sleep(0.2)
+
+    async def wait_same_height(self, timeout: float) -> chain_pb2.ChainStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = [await self.status(i) for i in range(3)]
+            if len({(s.last_offset, s.height) for s in statuses}) == 1:
+                return statuses[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nodes did not converge: {[(s.height, s.last_offset) for s in statuses]}")
+            await asyncio.sleep(0.2)
+
+    async def catch_up(self, operations: int) -> None:
+        await self.fill_chain(operations)
+        target = await self.wait_same_height(600)
+        entries, blocks = await self.committed_operations(0)
+        node = self.cluster.nodes[2]
+        # Its subscription ends with the process.
+        self.subscriptions[2].cancel()
+        node.terminate()
+        node.wipe_chain(self.cluster.cell_keypair)
+        spawned = time.monotonic()
+        node.start(wait=False)
+        await asyncio.to_thread(node.wait_serving, 60)
+        serving = time.monotonic()
+        while True:
+            try:
+                status = await self.status(2)
+                if status.last_offset >= target.last_offset:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() - spawned > 1800:
+                raise AssertionError("the wiped node did not catch up in 30 minutes")
+            await asyncio.sleep(0.02)
+        done = time.monotonic()
+        took = done - serving
+        print(
+            f"  catch-up of an empty node: {entries:,} operations in {blocks:,} blocks "
+            f"({target.last_offset / 1e6:.1f} MB of chain): {took:.2f} s after it served "
+            f"({done - spawned:.2f} s after its process started) = {entries / took:,.0f} operations/s"
+        )
+
+
+async def bench_config(name: str, settings: dict[str, int], args: argparse.Namespace) -> None:
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "all defaults"
+    print(f"\n== configuration '{name}': node.yaml chain settings: {shown}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-chain-") as tmp:
+        cluster = Cluster.create(Path(tmp), size=3, chain_settings=settings)
+        bench: Bench | None = None
+        try:
+            cluster.start()
+            bench = Bench(cluster, args)
+            await bench.wait_synchronized()
+            bench.subscribe_all()
+            await asyncio.sleep(0.5)
+            # Warm up: one commit through the whole path.
+            await bench.run("warm-up", 1, 1, 0.2)
+            runs = {
+                "probe": ("probe: 1 appender, 1 entry/call", 1, 1, args.probe_rate),
+                "1": (f"1 appender, {args.batch} entries/call", 1, args.batch, None),
+                "16": (f"16 appenders, {args.batch} entries/call", 16, args.batch, None),
+            }
+            for key, (title, appenders, batch, rate) in runs.items():
+                if key not in args.runs:
+                    continue
+                result = await bench.run(title, appenders, batch, args.duration, rate)
+                result.print()
+                sys.stdout.flush()
+            if args.catchup_ops and "catchup" in args.runs:
+                await bench.catch_up(args.catchup_ops)
+        except BaseException:
+            print(cluster.logs(), file=sys.stderr)
+            raise
+        finally:
+            if bench is not None:
+                await bench.close()
+            cluster.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="default,tuned", help=f"comma-separated, of {sorted(CONFIGS)}")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of each run not counted in entries/s")
+    parser.add_argument("--drain", type=float, default=15.0, help="seconds to wait for the last commits of a run")
+    parser.add_argument("--batch", type=int, default=100, help="entries per append call")
+    parser.add_argument("--entry-bytes", type=int, default=200)
+    parser.add_argument("--probe-rate", type=float, default=20.0, help="calls/s of the latency probe")
+    parser.add_argument("--catchup-ops", type=int, default=100_000, help="0: skip the catch-up measure")
+    parser.add_argument("--runs", default="probe,1,16,catchup", help="which measures, of probe,1,16,catchup")
+    parser.add_argument("--quick", action="store_true", help="3 s runs, 20,000-operation catch-up")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.catchup_ops = 3.0, 1.0, min(args.catchup_ops, 20_000)
+    args.runs = {r.strip() for r in args.runs.split(",")}
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; known: {sorted(CONFIGS)}")
+    print(
+        f"chain benchmark: 3 chain nodes on loopback (real processes), {os.cpu_count()} CPUs; "
+        f"entries of {args.entry_bytes} bytes; runs of {args.duration:g} s (first {args.warmup:g} s not counted)"
+    )
+    for name in names:
+        asyncio.run(bench_config(name, CONFIGS[name], args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

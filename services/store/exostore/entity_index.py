@@ -1,0 +1,700 @@
+"""The entity index (SPEC 3.3): the pending index in RAM, the chain index on disk, and the rules that
+move the chain's operations into them, fed by the chain's `Subscribe` events.
+
+Synchronous and single-writer: the tailer calls `start_replay`, `apply_events` and
+`index_chain_blocks` from one thread (the store's indexing thread); searches (`search`,
+`fetch_trait`) may run concurrently from other threads.
+
+State
+-----
+
+* **Chain index** (`<store dir>/chain`, tantivy): operations of committed blocks at least
+  `chain_index_min_depth` deep, with their block offset. `Progress.chain_indexed` (in the payload
+  store) names the last block in it; the pair is tied by an index id written next to the folder
+  (`chain.id`): a mismatch (either wiped, or a crash while resetting) means a full re-index.
+* **Pending index** (RAM): every other operation the store has seen, pending or in a block newer
+  than `chain_indexed`, always written without a block offset (SPEC 3.3).
+* **Retained blocks**: the blocks newer than `chain_indexed` received so far (offset, height, hash,
+  entry ids); the chain index takes them from here once deep enough.
+* **Payloads** (`payloads.PayloadStore`): every decrypted mutation by operation id.
+
+Lifecycle
+---------
+
+* `start_replay()` is called before every (re)subscription and returns the `SubscribeRequest`: from
+  `chain_indexed` (or the genesis), every pending operation. It starts building a **new** pending
+  index while the current one keeps answering queries; replayed blocks and pending operations go to
+  the new one; `CaughtUp` swaps it in (SPEC "re-index pending", without a window where queries see a
+  half-built index). This covers the first start, a restart (the pending index is rebuilt from the
+  chain and the local payloads: nothing is decrypted twice), a `StreamDiscontinuity` and a chain
+  service that restarted.
+* Blocks: entries not yet in the pending index are added to it; the block is retained.
+  A block at an offset already retained with another hash means the chain changed under us: the
+  retained blocks from there on are forgotten (as a truncation).
+* `ChainTruncated(from)`: retained blocks from `from` on are forgotten; their entries stay in the
+  pending index (they are pending again, and the pending index has no block offsets, so nothing
+  else changes). Entries of the chain index can only come from blocks at least `min_depth` deep, so
+  a truncation reaching into them means a fork deeper than that: `FullReindexNeeded` is raised and
+  the tailer calls `reset_chain_index()` then resubscribes from the genesis.
+* `index_chain_blocks()` (SPEC "index new chain blocks"): with `H` the newest block's height and
+  `h` the last chain-indexed block's, nothing happens while a block is indexed and
+  `H - h < min_depth` or `H - h < leeway`; otherwise every retained block with `H - height >=
+  min_depth` goes to the chain index (one commit) and its operations leave the pending index. It
+  runs after every batch of events while replaying, and live unless deferred indexing is on; then
+  the store's timer calls it (`deferred_indexing_due`).
+* `DeleteOperations` mutations: a pending-deletion marker in the pending index; in the chain index
+  the listed operations' documents are removed (and their payloads dropped afterwards).
+
+Crash safety: payloads are synced before a chain index commit, and the progress naming the newly
+indexed blocks is synced after it. If the process dies between the commit and the progress write,
+the chain index holds documents of blocks newer than `chain_indexed`; they are replayed, so
+chain-indexing a block first removes any document of its operations (only for blocks up to the
+highest block offset found in the index at open, so the normal path pays nothing).
+
+Every batch returns an `IndexUpdate`: the operation ids that became searchable (mutation tracker),
+the ids seen in blocks (`wait_committed`), and what changed (entity id and trait type per
+operation), which the watched queries use to re-run only the watches a change can affect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from exochain.model import BlockHeaderView, InvalidOperation, OperationKind, SignedOp
+from exocommon.config import EntityIndexSettings
+from exocommon.errors import ExocoreError
+from exocommon.sealed import SealedPayloadError, open_sealed
+from exocore.chain.v1 import chain_pb2
+from exocore.store import entity_pb2, mutation_pb2, query_pb2
+from exostore.aggregator import EntityAggregator
+from exostore.mutation_index import MutationIndex
+from exostore.payloads import BlockRef, PayloadStore, Progress
+from exostore.registry import TraitRegistry, type_name_from_url
+from exostore.schema import IndexSchema
+from exostore.searcher import PENDING_INDEX_BOOST, EntitySearcher
+from exostore.types import DeleteOperationsOperation, IndexOperation, MutationMetadata, index_operations_for
+
+log = logging.getLogger(__name__)
+
+INDEX_ID_FILE = "chain.id"
+CHAIN_INDEX_DIR = "chain"
+
+
+class FullReindexNeeded(ExocoreError):
+    """The chain index holds operations of blocks the chain no longer has: it must be rebuilt."""
+
+    grpc_status = "INTERNAL"
+
+
+# ---------------------------------------------------------------------------------------------
+# Events (what the tailer feeds) and updates (what a batch did)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChainEntry:
+    operation_id: int
+    data: bytes  # the sealed EntityMutation
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEvent:
+    ref: BlockRef
+    entries: tuple[ChainEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    entry: ChainEntry
+
+
+@dataclass(frozen=True, slots=True)
+class CaughtUpEvent:
+    last_block_offset: int
+    last_pending_operation_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class TruncatedEvent:
+    from_offset: int
+
+
+IndexEvent = BlockEvent | PendingEvent | CaughtUpEvent | TruncatedEvent
+
+
+def _entry_of(signed: chain_pb2.SignedOperation) -> ChainEntry | None:
+    try:
+        op = SignedOp.from_proto(signed)
+    except InvalidOperation as exc:
+        log.warning("skipping an operation that does not parse: %s", exc)
+        return None
+    if op.kind is not OperationKind.ENTRY:
+        return None
+    return ChainEntry(op.operation_id, op.entry_data)
+
+
+def events_from_proto(events: Iterable[chain_pb2.ChainEvent]) -> list[IndexEvent]:
+    """The index events of `ChainLog.Subscribe` events (discontinuities are the tailer's business)."""
+    out: list[IndexEvent] = []
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "block":
+            head = BlockHeaderView.parse(event.block.header_bytes)
+            entries = tuple(e for e in (_entry_of(op) for op in event.block.operations) if e is not None)
+            out.append(BlockEvent(BlockRef(head.offset, head.height, head.hash.hex()), entries))
+        elif kind == "pending":
+            entry = _entry_of(event.pending.operation)
+            if entry is not None:
+                out.append(PendingEvent(entry))
+        elif kind == "caught_up":
+            out.append(CaughtUpEvent(event.caught_up.last_block_offset, event.caught_up.last_pending_operation_id))
+        elif kind == "truncated":
+            out.append(TruncatedEvent(event.truncated.from_offset))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class IndexChange:
+    """One operation that entered or left an index: what watched queries route on."""
+
+    operation_id: int
+    entity_id: str
+    trait_type: str | None  # the put trait's type; None for tombstones and deletions
+
+
+@dataclass(slots=True)
+class IndexUpdate:
+    indexed: list[int] = field(default_factory=list)  # searchable now (pending or chain index)
+    committed: list[int] = field(default_factory=list)  # seen in a committed block
+    changes: list[IndexChange] = field(default_factory=list)
+    reset: bool = False  # the pending index was replaced: any watch may be affected
+    caught_up: bool = False
+
+    def merge(self, other: IndexUpdate) -> None:
+        self.indexed.extend(other.indexed)
+        self.committed.extend(other.committed)
+        self.changes.extend(other.changes)
+        self.reset = self.reset or other.reset
+        self.caught_up = self.caught_up or other.caught_up
+
+    @property
+    def changed(self) -> bool:
+        return self.reset or bool(self.changes)
+
+
+def change_of(operation_id: int, mutation: mutation_pb2.EntityMutation) -> IndexChange:
+    trait_type = None
+    if mutation.WhichOneof("mutation") == "put_trait":
+        trait_type = type_name_from_url(mutation.put_trait.trait.message.type_url) or None
+    return IndexChange(operation_id, mutation.entity_id, trait_type)
+
+
+@dataclass(slots=True)
+class _RetainedBlock:
+    ref: BlockRef
+    operation_ids: tuple[int, ...]
+
+
+class _IndexRef:
+    """What the searcher sees of an index: always the current one (indices get replaced)."""
+
+    def __init__(self, get: Callable[[], MutationIndex]) -> None:
+        self._get = get
+
+    def search(self, query: query_pb2.EntityQuery, count: int, offset: int) -> object:
+        return self._get().search(query, count, offset)
+
+    def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]:
+        return self._get().fetch_entity_mutations(entity_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entity index
+# ---------------------------------------------------------------------------------------------
+
+
+class EntityIndex:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        store_dir: Path | str,
+        registry: TraitRegistry,
+        settings: EntityIndexSettings,
+        payloads: PayloadStore,
+        data_key: bytes,
+        *,
+        gc_flagger: Callable[[EntityAggregator], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        now_ns: Callable[[], int] = time.time_ns,
+        pending_index_boost: float = PENDING_INDEX_BOOST,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.registry = registry
+        self.settings = settings
+        self.payloads = payloads
+        self._key = data_key
+        self._monotonic = monotonic
+        self.schema = IndexSchema(registry)
+        self._chain_path = self.store_dir / CHAIN_INDEX_DIR
+        self._undecodable: set[int] = set()
+
+        self.progress = payloads.progress()
+        self._open_chain_index()
+        self._dedup_upto = self._highest_chain_offset_beyond_progress()
+
+        self.pending = self._new_pending_index()
+        self._pending_ops: set[int] = set()
+        # The pending index being built by a replay (None: writes go to `pending`).
+        self._building: MutationIndex | None = None
+        self._building_ops: set[int] = set()
+        self._replay_update = IndexUpdate()
+        self._retained: dict[int, _RetainedBlock] = {}
+        self.caught_up = False
+        self.replays = 0
+
+        # Deferred chain indexing (SPEC 3.3): last non-programmatic query, last indexing attempt.
+        self._last_user_query = float("-inf")
+        self._last_deferred_attempt = monotonic()
+        self._lock = threading.Lock()
+
+        self.searcher = EntitySearcher(
+            _IndexRef(lambda: self.chain),  # type: ignore[arg-type]
+            _IndexRef(lambda: self.pending),  # type: ignore[arg-type]
+            self.fetch_trait,
+            gc_flagger=gc_flagger,
+            pending_index_boost=pending_index_boost,
+            now_ns=now_ns,
+            descriptor_pool=registry.pool,
+        )
+
+    # -- opening and resetting ------------------------------------------------------------------
+
+    def _new_pending_index(self) -> MutationIndex:
+        s = self.settings.pending_index
+        return MutationIndex(
+            self.schema,
+            None,
+            heap_size=s.indexer_heap_size_bytes,
+            num_threads=s.indexer_num_threads,
+            entity_cache_size=s.entity_mutations_cache_size,
+        )
+
+    def _open_chain_index(self) -> None:
+        marker = self.store_dir / INDEX_ID_FILE
+        on_disk = marker.read_text().strip() if marker.is_file() else ""
+        if not self.progress.index_id or on_disk != self.progress.index_id or not self._chain_path.is_dir():
+            if self._chain_path.exists() or self.progress.chain_indexed is not None:
+                log.warning(
+                    "chain index at %s does not match the stored progress; rebuilding it from the chain",
+                    self._chain_path,
+                )
+            self._wipe_chain_index_files()
+        self.chain = self._new_chain_index()
+
+    def _new_chain_index(self) -> MutationIndex:
+        s = self.settings.chain_index
+        return MutationIndex(
+            self.schema,
+            self._chain_path,
+            heap_size=s.indexer_heap_size_bytes,
+            num_threads=s.indexer_num_threads,
+            entity_cache_size=s.entity_mutations_cache_size,
+        )
+
+    def _wipe_chain_index_files(self) -> None:
+        if self._chain_path.exists():
+            shutil.rmtree(self._chain_path)
+        index_id = uuid.uuid4().hex
+        self.progress = Progress(index_id=index_id)
+        # Progress first: a crash before the marker is written leaves a mismatch (wipe again).
+        self.payloads.save_progress(self.progress)
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        marker = self.store_dir / INDEX_ID_FILE
+        tmp = marker.with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            handle.write(index_id + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(marker)
+
+    def _highest_chain_offset_beyond_progress(self) -> int | None:
+        highest = self.chain.highest_indexed_block()
+        indexed = self.progress.chain_indexed
+        if highest is not None and (indexed is None or highest > indexed.offset):
+            log.info("chain index has documents past its recorded progress (interrupted commit); re-indexing them")
+            return highest
+        return None
+
+    def reset_chain_index(self) -> None:
+        """Full re-index: empty chain index and progress (payloads are kept: they never change)."""
+        self.chain.close()
+        self._wipe_chain_index_files()
+        self.chain = self._new_chain_index()
+        self._dedup_upto = None
+        self._retained.clear()
+
+    def close(self) -> None:
+        self.chain.close()
+        self.pending.close()
+        if self._building is not None:
+            self._building.close()
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def chain_indexed(self) -> BlockRef | None:
+        return self.progress.chain_indexed
+
+    @property
+    def replaying(self) -> bool:
+        return self._building is not None
+
+    @property
+    def retained_offsets(self) -> list[int]:
+        return list(self._retained)
+
+    @property
+    def last_block(self) -> BlockRef | None:
+        if self._retained:
+            return next(reversed(self._retained.values())).ref
+        return self.progress.chain_indexed
+
+    def pending_operation_ids(self) -> set[int]:
+        """Operation ids in the pending index that answers queries."""
+        return set(self._pending_ops)
+
+    def _target(self) -> tuple[MutationIndex, set[int]]:
+        if self._building is not None:
+            return self._building, self._building_ops
+        return self.pending, self._pending_ops
+
+    # -- replay ---------------------------------------------------------------------------------
+
+    def start_replay(self) -> chain_pb2.SubscribeRequest:
+        """Begin building a new pending index; the subscription to open (see module docstring)."""
+        if self._building is not None:
+            self._building.close()
+        self._building = self._new_pending_index()
+        self._building_ops = set()
+        self._replay_update = IndexUpdate()
+        self._retained.clear()
+        self.replays += 1
+        indexed = self.progress.chain_indexed
+        if indexed is None:
+            return chain_pb2.SubscribeRequest(has_from_block_offset=False, from_pending_operation_id=0)
+        return chain_pb2.SubscribeRequest(
+            has_from_block_offset=True, from_block_offset=indexed.offset, from_pending_operation_id=0
+        )
+
+    def _finish_replay(self, event: CaughtUpEvent) -> IndexUpdate:
+        assert self._building is not None
+        old = self.pending
+        self.pending, self._pending_ops = self._building, self._building_ops
+        self._building, self._building_ops = None, set()
+        old.close()
+        update, self._replay_update = self._replay_update, IndexUpdate()
+        update.indexed = sorted(set(update.indexed) | self._pending_ops)
+        update.reset = True
+        update.caught_up = True
+        self.caught_up = True
+        log.info(
+            "caught up with the chain: last block at offset %d, %d operation(s) in the pending index, "
+            "chain index up to %s",
+            event.last_block_offset,
+            len(self._pending_ops),
+            "nothing" if self.chain_indexed is None else f"offset {self.chain_indexed.offset}",
+        )
+        return update
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def _decode(self, entries: Sequence[ChainEntry]) -> dict[int, mutation_pb2.EntityMutation]:
+        """Mutations of `entries` (undecodable ones are logged once and left out); new payloads saved."""
+        found: dict[int, mutation_pb2.EntityMutation] = {}
+        new: list[tuple[int, bytes]] = []
+        for entry in entries:
+            op_id = entry.operation_id
+            if op_id in found or op_id in self._undecodable:
+                continue
+            stored = self.payloads.get(op_id)
+            data = stored
+            if data is None:
+                try:
+                    data = open_sealed(self._key, entry.data)
+                except SealedPayloadError as exc:
+                    self._skip(op_id, f"does not decrypt with the cell data key ({exc})")
+                    continue
+            try:
+                mutation = mutation_pb2.EntityMutation.FromString(data)
+            except DecodeError as exc:
+                self._skip(op_id, f"is not an EntityMutation ({exc})")
+                continue
+            if not mutation.entity_id or mutation.WhichOneof("mutation") is None:
+                self._skip(op_id, "is an EntityMutation without entity id or mutation")
+                continue
+            found[op_id] = mutation
+            if stored is None:
+                new.append((op_id, data))
+        if new:
+            self.payloads.put_many(new)
+        return found
+
+    def _skip(self, operation_id: int, why: str) -> None:
+        if operation_id not in self._undecodable:
+            self._undecodable.add(operation_id)
+            log.warning("skipping chain entry %d: it %s", operation_id, why)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def apply_chain_events(self, events: Sequence[chain_pb2.ChainEvent]) -> IndexUpdate:
+        return self.apply_events(events_from_proto(events))
+
+    def apply_events(self, events: Sequence[IndexEvent]) -> IndexUpdate:
+        """Applies a batch of events (in order) and returns what changed (see module docstring)."""
+        update = IndexUpdate()
+        batch: list[IndexEvent] = []
+        saw_block = False
+        for event in events:
+            if isinstance(event, BlockEvent | PendingEvent):
+                saw_block = saw_block or isinstance(event, BlockEvent)
+                batch.append(event)
+                continue
+            update.merge(self._apply_entries(batch))
+            batch = []
+            if isinstance(event, TruncatedEvent):
+                self._truncate(event.from_offset, "the chain was truncated")
+            elif isinstance(event, CaughtUpEvent):
+                if self._building is not None:
+                    self._replay_update.merge(self.index_chain_blocks())
+                    update.merge(self._finish_replay(event))
+                for offset in [o for o in self._retained if o > event.last_block_offset]:
+                    # Cannot happen after a replay (retained blocks come from it); be safe.
+                    del self._retained[offset]
+        update.merge(self._apply_entries(batch))
+        if saw_block and (self._building is not None or self.settings.chain_index_deferred_interval_secs is None):
+            update.merge(self.index_chain_blocks())
+        self._save_progress(sync=False)
+        update.indexed = list(dict.fromkeys(update.indexed))
+        if self._building is not None:
+            # Nothing is visible before the swap: report it all then.
+            self._replay_update.merge(update)
+            return IndexUpdate(committed=update.committed)
+        return update
+
+    def _apply_entries(self, events: Sequence[IndexEvent]) -> IndexUpdate:
+        update = IndexUpdate()
+        if not events:
+            return update
+        entries: list[ChainEntry] = []
+        for event in events:
+            if isinstance(event, BlockEvent):
+                entries.extend(event.entries)
+            elif isinstance(event, PendingEvent):
+                entries.append(event.entry)
+        mutations = self._decode(entries)
+        target, target_ops = self._target()
+        ops: list[IndexOperation] = []
+        # A pending operation already in the chain index (a peer re-sending an old operation) stays out
+        # of the pending index: it would count as pending there forever.
+        candidates = [
+            e.entry.operation_id
+            for e in events
+            if isinstance(e, PendingEvent) and e.entry.operation_id not in target_ops
+        ]
+        added: set[int] = set(self.chain.entity_ids(candidates)) if candidates else set()
+        skipped = set(added)
+        last_pending = self.progress.last_pending_operation_id
+
+        def add(entry: ChainEntry) -> None:
+            op_id = entry.operation_id
+            if op_id in target_ops or op_id in added:
+                return
+            mutation = mutations.get(op_id)
+            if mutation is None:
+                return
+            ops.extend(index_operations_for(op_id, None, mutation, pending=True))
+            added.add(op_id)
+            update.changes.append(change_of(op_id, mutation))
+
+        for event in events:
+            if isinstance(event, BlockEvent):
+                if not self._accept_block(event.ref):
+                    continue
+                self._retained[event.ref.offset] = _RetainedBlock(
+                    event.ref, tuple(e.operation_id for e in event.entries)
+                )
+                for entry in event.entries:
+                    update.committed.append(entry.operation_id)
+                    add(entry)
+            elif isinstance(event, PendingEvent):
+                last_pending = max(last_pending, event.entry.operation_id)
+                add(event.entry)
+        if ops:
+            target.apply(ops)
+        added -= skipped
+        target_ops.update(added)
+        update.indexed.extend(added)
+        self.progress = Progress(
+            self.progress.index_id, self.progress.chain_indexed, self.last_block, last_pending
+        )
+        return update
+
+    def _accept_block(self, ref: BlockRef) -> bool:
+        """Whether a received block is new (forgetting retained blocks it replaces)."""
+        indexed = self.progress.chain_indexed
+        if indexed is not None and ref.offset <= indexed.offset:
+            if ref.offset == indexed.offset and ref.hash != indexed.hash:
+                raise FullReindexNeeded(
+                    f"the chain's block at offset {ref.offset} is not the one the chain index was built from"
+                )
+            return False
+        existing = self._retained.get(ref.offset)
+        if existing is not None and existing.ref.hash == ref.hash:
+            return False
+        if existing is not None or any(offset > ref.offset for offset in self._retained):
+            self._truncate(ref.offset, f"a different block arrived at offset {ref.offset}")
+        return True
+
+    def _truncate(self, from_offset: int, why: str) -> None:
+        indexed = self.progress.chain_indexed
+        if indexed is not None and from_offset <= indexed.offset:
+            raise FullReindexNeeded(
+                f"{why}: blocks from offset {from_offset} on are gone, but the chain index holds blocks up to "
+                f"offset {indexed.offset} (a fork deeper than chain_index_min_depth)"
+            )
+        dropped = [offset for offset in self._retained if offset >= from_offset]
+        for offset in dropped:
+            del self._retained[offset]
+        if dropped:
+            log.info("%s: forgetting %d block(s) from offset %d; their entries are pending again", why,
+                     len(dropped), from_offset)
+
+    # -- chain indexing -------------------------------------------------------------------------
+
+    def index_chain_blocks(self) -> IndexUpdate:
+        """SPEC "index new chain blocks" (see module docstring)."""
+        update = IndexUpdate()
+        with self._lock:
+            self._last_deferred_attempt = self._monotonic()
+        if not self._retained:
+            return update
+        newest = self.last_block
+        assert newest is not None
+        top = newest.height
+        indexed = self.progress.chain_indexed
+        min_depth = self.settings.chain_index_min_depth
+        if indexed is not None:
+            depth = top - indexed.height
+            if depth < min_depth or depth < self.settings.chain_index_depth_leeway:
+                return update
+        blocks = [b for b in self._retained.values() if top - b.ref.height >= min_depth]
+        if not blocks:
+            return update
+
+        op_ids = [op for b in blocks for op in b.operation_ids]
+        mutations = {op: m for op in op_ids if (m := self.payloads.get_mutation(op)) is not None}
+        self.payloads.sync()
+        chain_ops: list[IndexOperation] = []
+        redo = [op for b in blocks if self._dedup_upto is not None and b.ref.offset <= self._dedup_upto
+                for op in b.operation_ids]
+        if redo:
+            chain_ops.append(DeleteOperationsOperation(tuple(redo)))
+        deleted_targets: list[int] = []
+        for block in blocks:
+            for op in block.operation_ids:
+                mutation = mutations.get(op)
+                if mutation is None:
+                    continue
+                chain_ops.extend(index_operations_for(op, block.ref.offset, mutation, pending=False))
+                update.changes.append(change_of(op, mutation))
+                if mutation.WhichOneof("mutation") == "delete_operations":
+                    deleted_targets.extend(mutation.delete_operations.operation_ids)
+        if chain_ops:
+            self.chain.apply(chain_ops)
+        for index, ops_set in ((self.pending, self._pending_ops), (self._building, self._building_ops)):
+            if index is None:
+                continue
+            leaving = [op for op in op_ids if op in ops_set]
+            if leaving:
+                index.apply([DeleteOperationsOperation(tuple(leaving))])
+                ops_set.difference_update(leaving)
+        for block in blocks:
+            del self._retained[block.ref.offset]
+        self.progress = Progress(
+            self.progress.index_id, blocks[-1].ref, self.last_block, self.progress.last_pending_operation_id
+        )
+        self.payloads.save_progress(self.progress, sync=True)
+        if self._dedup_upto is not None and blocks[-1].ref.offset >= self._dedup_upto:
+            self._dedup_upto = None
+        if deleted_targets:
+            self.payloads.delete_many(deleted_targets)
+        update.indexed.extend(mutations)
+        log.debug(
+            "chain-indexed %d block(s) up to offset %d (%d operation(s))",
+            len(blocks),
+            blocks[-1].ref.offset,
+            len(op_ids),
+        )
+        return update
+
+    def note_query(self, programmatic: bool) -> None:
+        if not programmatic:
+            with self._lock:
+                self._last_user_query = self._monotonic()
+
+    def deferred_indexing_due(self) -> bool:
+        """Whether the deferred-indexing timer should index now (SPEC 3.3): not while a
+        non-programmatic query came in the last `chain_index_deferred_query_secs`, unless the last
+        attempt is older than `chain_index_deferred_max_secs`."""
+        if self.settings.chain_index_deferred_interval_secs is None or self._building is not None:
+            return False
+        now = self._monotonic()
+        with self._lock:
+            recent_query = now - self._last_user_query < self.settings.chain_index_deferred_query_secs
+            overdue = now - self._last_deferred_attempt >= self.settings.chain_index_deferred_max_secs
+        return not recent_query or overdue
+
+    def _save_progress(self, sync: bool) -> None:
+        self.payloads.save_progress(self.progress, sync=sync)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def fetch_trait(self, operation_id: int, block_offset: int | None) -> tuple[str, entity_pb2.Trait] | None:
+        mutation = self.payloads.get_mutation(operation_id)
+        if mutation is None or mutation.WhichOneof("mutation") != "put_trait":
+            return None
+        return mutation.entity_id, mutation.put_trait.trait
+
+    def search(self, query: query_pb2.EntityQuery) -> query_pb2.EntityResults:
+        return self.searcher.search(query)
+
+    def entity_mutations(self, entity_id: str) -> list[MutationMetadata]:
+        """Every indexed mutation of an entity, both indices (GC)."""
+        return self.pending.fetch_entity_mutations(entity_id) + self.chain.fetch_entity_mutations(entity_id)
+
+
+__all__ = [
+    "BlockEvent",
+    "CaughtUpEvent",
+    "ChainEntry",
+    "EntityIndex",
+    "FullReindexNeeded",
+    "IndexChange",
+    "IndexEvent",
+    "IndexUpdate",
+    "PendingEvent",
+    "TruncatedEvent",
+    "change_of",
+    "events_from_proto",
+]

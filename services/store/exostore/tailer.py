@@ -1,0 +1,206 @@
+"""The chain tail: keeps the entity index in step with the node's chain service (ARCHITECTURE
+"store replicas tail the chain").
+
+One loop, for as long as the store runs:
+
+1. check the resume point: the block the chain index was built up to must still be the chain's
+   block at that offset (`GetBlocks` header hash). If the chain does not have it yet (its node is
+   catching up after being wiped) wait; if it has another block there, rebuild the chain index;
+2. `EntityIndex.start_replay()` gives the `SubscribeRequest` (blocks after the chain-indexed one,
+   every pending operation) and starts a new pending index;
+3. read the stream: a reader task queues events (bounded), the indexing loop takes them in batches
+   of up to `batch_size` (SPEC `chain_events_batch_size`) and applies each batch on the indexing
+   thread, then hands the `IndexUpdate` to `on_update` (mutation tracker, watched queries) on the
+   event loop;
+4. a `StreamDiscontinuity` resubscribes at once; a failed stream (the chain service restarted,
+   UNAVAILABLE) resubscribes after a backoff (0.1 s doubling to 5 s, reset once events flow);
+   `FullReindexNeeded` resets the chain index first.
+
+Entries are decrypted by the index with the cell data key; one that does not decrypt or decode is
+logged and skipped (`EntityIndex._decode`).
+
+Deferred chain indexing: when `chain_index_deferred_interval_secs` is set, a timer asks the index
+every interval whether indexing is due (`deferred_indexing_due`) and runs `index_chain_blocks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+
+from exocommon.grpc_util import DEFAULT_DEADLINE_S
+from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
+from exostore.entity_index import EntityIndex, FullReindexNeeded, IndexUpdate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BATCH_SIZE = 50
+QUEUE_SIZE = 1_000
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+_END = object()
+
+
+class _ChainBehind(Exception):
+    """The chain does not have the block the chain index was built up to (yet)."""
+
+
+class ChainTailer:
+    def __init__(
+        self,
+        stub: chain_pb2_grpc.ChainLogStub,
+        index: EntityIndex,
+        executor: Executor,
+        on_update: Callable[[IndexUpdate], None],
+        *,
+        batch_size: int = BATCH_SIZE,
+        backoff_initial_s: float = BACKOFF_INITIAL_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+    ) -> None:
+        self._stub = stub
+        self._index = index
+        self._executor = executor
+        self._on_update = on_update
+        self._batch_size = batch_size
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self.caught_up = asyncio.Event()
+        self.connected = False
+        self.subscriptions = 0
+
+    async def _on_indexer(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- main loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = self._backoff_initial_s
+        while True:
+            try:
+                await self._check_resume_point()
+                request = await self._on_indexer(self._index.start_replay)
+                self.subscriptions += 1
+                progressed = await self._follow(request)
+                if progressed:
+                    backoff = self._backoff_initial_s
+                continue  # discontinuity: resubscribe at once
+            except FullReindexNeeded as exc:
+                log.error("%s; rebuilding the chain index from the chain", exc)
+                await self._on_indexer(self._index.reset_chain_index)
+                continue
+            except _ChainBehind as exc:
+                log.info("%s; waiting for the chain service to catch up", exc)
+            except grpc.aio.AioRpcError as exc:
+                if self.connected or backoff == self._backoff_initial_s:
+                    log.warning(
+                        "chain subscription failed (%s: %s); retrying", exc.code().name, exc.details()
+                    )
+                self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max_s)
+
+    async def _check_resume_point(self) -> None:
+        indexed = self._index.chain_indexed
+        if indexed is None:
+            return
+        response = await self._stub.GetBlocks(
+            chain_pb2.GetBlocksRequest(from_offset=indexed.offset, max_count=1, headers_only=True),
+            timeout=DEFAULT_DEADLINE_S,
+        )
+        headers = list(response.headers)
+        if headers and headers[0].offset == indexed.offset:
+            if headers[0].block_hash.hex() != indexed.hash:
+                raise FullReindexNeeded(
+                    f"the chain's block at offset {indexed.offset} is not the one the chain index was built from"
+                )
+            return
+        status = await self._stub.Status(chain_pb2.StatusRequest(), timeout=DEFAULT_DEADLINE_S)
+        if status.next_offset <= indexed.offset:
+            raise _ChainBehind(
+                f"the chain ends before offset {indexed.offset}, up to which the chain index was built"
+            )
+        raise FullReindexNeeded(f"the chain has no block at offset {indexed.offset}, where the chain index stops")
+
+    async def _follow(self, request: chain_pb2.SubscribeRequest) -> bool:
+        """Reads one subscription until it ends; True if any event came."""
+        call = self._stub.Subscribe(request, timeout=None)
+        queue: asyncio.Queue[object] = asyncio.Queue(QUEUE_SIZE)
+        reader = asyncio.create_task(self._read(call, queue), name="chain-reader")
+        progressed = False
+        try:
+            while True:
+                first = await queue.get()
+                if isinstance(first, BaseException):
+                    raise first
+                if first is _END:
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "stream ended"
+                    )
+                batch = [first]
+                ended: object | None = None
+                while len(batch) < self._batch_size and not queue.empty():
+                    item = queue.get_nowait()
+                    if item is _END or isinstance(item, BaseException):
+                        ended = item
+                        break
+                    batch.append(item)
+                discontinuity = any(e.WhichOneof("event") == "discontinuity" for e in batch)  # type: ignore[attr-defined]
+                events = [e for e in batch if e.WhichOneof("event") != "discontinuity"]  # type: ignore[attr-defined]
+                if events:
+                    if not self.connected:
+                        log.info("following the chain (subscription %d)", self.subscriptions)
+                    self.connected = True
+                    progressed = True
+                    update = await self._on_indexer(self._index.apply_chain_events, events)
+                    if update.caught_up:
+                        self.caught_up.set()
+                    self._on_update(update)
+                if discontinuity:
+                    log.warning("the chain stream had a discontinuity (this store fell behind); resubscribing")
+                    return progressed
+                if ended is not None:
+                    if isinstance(ended, BaseException):
+                        raise ended
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "stream ended"
+                    )
+        finally:
+            call.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    @staticmethod
+    async def _read(call: grpc.aio.UnaryStreamCall, queue: asyncio.Queue[object]) -> None:
+        try:
+            async for event in call:
+                await queue.put(event)
+            await queue.put(_END)
+        except grpc.aio.AioRpcError as exc:
+            await queue.put(exc)
+
+    # -- deferred chain indexing ----------------------------------------------------------------
+
+    async def run_deferred_indexing(self) -> None:
+        interval = self._index.settings.chain_index_deferred_interval_secs
+        if interval is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            if self._index.deferred_indexing_due():
+                update = await self._on_indexer(self._index.index_chain_blocks)
+                if update.changed or update.indexed:
+                    self._on_update(update)
+
+
+__all__ = ["ChainTailer"]
