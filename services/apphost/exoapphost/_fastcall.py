@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from ctypes import POINTER, byref, c_void_p, cast
 from typing import Any
@@ -118,7 +119,11 @@ def _trampoline(env, caller, params, nparams, results, nresults):  # type: ignor
 
 
 @_FINALIZER  # type: ignore[misc]
-def _finalize(env):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+def _finalize(env, _is_finalizing=sys.is_finalizing):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    # Finalizers also run at interpreter exit; freeing callbacks then crashes the process, and the
+    # process is going away anyway.
+    if _is_finalizing():
+        return
     _CALLBACKS.pop(env or 0, None)
 
 

@@ -206,10 +206,12 @@ class WasmEngine:
         if file is None or not file.is_file():
             return None
         try:
-            module = Module.deserialize_file(self.engine, str(file))
+            # Read into memory rather than `deserialize_file`, which maps the file: a cache file changed
+            # in place while the module lives would then crash the process (SIGBUS).
+            module = Module.deserialize(self.engine, file.read_bytes())
             check_module(module)
             return module
-        except (WasmtimeError, AppFault) as exc:  # other wasmtime build or settings: recompile
+        except (WasmtimeError, AppFault, OSError) as exc:  # other wasmtime build or settings: recompile
             log.info("compiled module cache entry unusable, recompiling", extra={"file": str(file), "error": str(exc)})
             return None
 
