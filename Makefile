@@ -15,7 +15,8 @@ EXO := $(VENV)/bin/exo
 # `make run`'s node folder (kept by `make clean`; `make clean-run` removes it).
 RUN_NODE := .exo/node
 
-.PHONY: setup proto run test test-unit lint lint-py lint-protos clean clean-run tools apps bench-apphost bench-gateway
+.PHONY: setup proto run test test-unit lint lint-py lint-protos clean clean-run tools apps bench-apphost bench-gateway \
+	bench-store
 
 setup: $(SETUP_STAMP) $(PROTO_STAMP)
 
@@ -76,11 +77,17 @@ bench-apphost: setup apps
 bench-gateway: setup
 	$(PY) bench/gateway_bench.py
 
+# The store on 100,000 generated notes through chain + store processes on loopback (a benchmark, not a
+# test): indexing rate, query p50/p99 per kind, watch notification latency, next to a bare tantivy index
+# and a gRPC echo. `make bench-store BENCH_STORE_ARGS="--entities 20000"` for a shorter run.
+bench-store: setup
+	$(PY) bench/bench_store.py $(BENCH_STORE_ARGS)
+
 # --- Deployment: container images, docker-compose, Kubernetes (deploy/, README "Deploy") ---------
 # podman needs deploy/containers.conf on these machines (runc, cgroupfs, ulimits: TOOLCHAIN.md).
 .PHONY: deploy-setup images compose-up compose-down k8s-render test-deploy
 PODMAN_ENV := CONTAINERS_CONF=$(CURDIR)/deploy/containers.conf
-DEPLOY_APT := podman runc catatonit busybox-static debootstrap docker-compose
+DEPLOY_APT := podman runc netavark aardvark-dns catatonit busybox-static debootstrap docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NODES ?= 3
 
@@ -90,7 +97,7 @@ deploy-setup:
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install" $$missing; \
 		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "deploy-setup: $(DEPLOY_APT) installed"; fi
 
 # localhost/exocore:latest (EXO_IMAGE); the base is python:3.11-slim, else a local debootstrap one.

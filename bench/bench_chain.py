@@ -14,8 +14,9 @@ Prints, per chain configuration (the original's defaults, then a tuned one):
 * CPU seconds used by each node and by this client per run (2 cores are shared by all of them).
 
 Appenders are spread round-robin over the three nodes; every node has one subscriber (as a store
-would: blocks and pending operations, the latter in batches), which also gives the commit times. Committed entries/s counts the entries of the blocks
-seen on node 1 between `--warmup` seconds after the start and the end of the run. It never asserts
+would: blocks and pending operations, the latter in batches), which also gives the commit times.
+Committed entries/s counts the entries of the blocks seen on node 1 between `--warmup` seconds
+after the start and the end of the run. It never asserts
 anything about timings: it measures and prints.
 
     .venv/bin/python bench/bench_chain.py [--configs default,tuned] [--duration 10] [--quick]
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -98,8 +98,8 @@ class RunResult:
             f"({self.appended:,} appended, {self.blocks} blocks in window, ~{entries_per_block:,.0f} entries/block)"
         )
         print(
-            f"    append latency p50 {percentile(self.append_ms, 50):.2f} ms, p99 {percentile(self.append_ms, 99):.2f} ms"
-            f" ({len(self.append_ms)} calls)"
+            f"    append latency p50 {percentile(self.append_ms, 50):.2f} ms, "
+            f"p99 {percentile(self.append_ms, 99):.2f} ms ({len(self.append_ms)} calls)"
         )
         print(
             f"    append-to-committed p50 {percentile(self.commit_ms, 50):.1f} ms, "

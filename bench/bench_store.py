@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import itertools
 import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,7 +135,9 @@ def make_notes(count: int, seed: int) -> tuple[list[Note], list[str]]:
         if notes:
             target = notes[rng.randrange(len(notes))]
             ref = (target.entity_id, target.trait_id)
-        notes.append(Note(entity_id, trait_id, title, body, BASE_DATE_S + i * 60, f"folder{rng.randrange(FOLDERS)}", ref))
+        notes.append(
+            Note(entity_id, trait_id, title, body, BASE_DATE_S + i * 60, f"folder{rng.randrange(FOLDERS)}", ref)
+        )
     return notes, words
 
 
@@ -258,7 +258,7 @@ def exo(*args: str) -> None:
 
 
 def start(name: str, argv: list[str], log_dir: Path) -> subprocess.Popen[bytes]:
-    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process exits
+    log = open(log_dir / f"{name}.log", "ab")  # closed when the process exits
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
@@ -334,7 +334,8 @@ def load(store_address: str, notes: list[Note], batch: int, concurrency: int, st
         async with grpc.aio.insecure_channel(store_address, options=CHANNEL_OPTIONS) as channel:
             call = channel.unary_unary(MUTATE)
             query = channel.unary_unary(
-                QUERY, request_serializer=query_pb2.EntityQuery.SerializeToString,
+                QUERY,
+                request_serializer=query_pb2.EntityQuery.SerializeToString,
                 response_deserializer=query_pb2.EntityResults.FromString,
             )
             queue = list(reversed(requests))
@@ -395,7 +396,9 @@ def store_queries(store_address: str, specs_by_kind: dict[str, list[QuerySpec]],
                     else:
                         chain += 1
             sources[kind] = (pending, chain)
-            print(f"  store {kind:24} p50 {figures[kind].p50:7.2f} ms  p99 {figures[kind].p99:7.2f} ms", file=sys.stderr)
+            print(
+                f"  store {kind:24} p50 {figures[kind].p50:7.2f} ms  p99 {figures[kind].p99:7.2f} ms", file=sys.stderr
+            )
     return figures, sources
 
 
@@ -418,7 +421,8 @@ async def _watches(store_address: str, count: int, writes: int, rng: random.Rand
     latency = Latency()
     async with grpc.aio.insecure_channel(store_address, options=CHANNEL_OPTIONS) as channel:
         watch_call = channel.unary_stream(
-            WATCH, request_serializer=query_pb2.EntityQuery.SerializeToString,
+            WATCH,
+            request_serializer=query_pb2.EntityQuery.SerializeToString,
             response_deserializer=query_pb2.EntityResults.FromString,
         )
         mutate = channel.unary_unary(MUTATE)
@@ -431,7 +435,9 @@ async def _watches(store_address: str, count: int, writes: int, rng: random.Rand
             query = query_pb2.EntityQuery(
                 trait=query_pb2.TraitPredicate(
                     trait_name=TRAIT,
-                    query=query_pb2.TraitQuery(field=query_pb2.TraitFieldPredicate(field="string3", string=f"{tag}-{i}")),
+                    query=query_pb2.TraitQuery(
+                        field=query_pb2.TraitFieldPredicate(field="string3", string=f"{tag}-{i}")
+                    ),
                 )
             )
             stream = watch_call(query)
@@ -452,11 +458,18 @@ async def _watches(store_address: str, count: int, writes: int, rng: random.Rand
         await asyncio.wait_for(asyncio.gather(*first), 120)
         await asyncio.sleep(0.5)
         try:
-            for n in range(writes):
+            for _ in range(writes):
                 i = rng.randrange(count)
                 entity_id = f"etwatch{rng.getrandbits(64):016x}"
-                note = Note(entity_id, "trt1", " ".join(rng.sample(words, 6)), " ".join(rng.sample(words, 60)),
-                            BASE_DATE_S, f"{tag}-{i}", None)
+                note = Note(
+                    entity_id,
+                    "trt1",
+                    " ".join(rng.sample(words, 6)),
+                    " ".join(rng.sample(words, 60)),
+                    BASE_DATE_S,
+                    f"{tag}-{i}",
+                    None,
+                )
                 done: asyncio.Future[float] = loop.create_future()
                 waiting[i] = (entity_id, done)
                 request = mutation_pb2.MutationRequest(mutations=[put_mutation(note)]).SerializeToString()
@@ -551,16 +564,20 @@ class BareIndex:
         elif spec.kind == "query string":
             w1, w2, w3 = spec.words
             positive = self._fuzzy([w2]) if fuzzy else t.Query.term_query(s, "all", w2)
-            query = t.Query.boolean_query([
-                (t.Occur.Must, t.Query.term_query(s, "all", w1)),
-                (t.Occur.Should, positive),
-                (t.Occur.MustNot, t.Query.term_query(s, "all", w3)),
-            ])
+            query = t.Query.boolean_query(
+                [
+                    (t.Occur.Must, t.Query.term_query(s, "all", w1)),
+                    (t.Occur.Should, positive),
+                    (t.Occur.MustNot, t.Query.term_query(s, "all", w3)),
+                ]
+            )
         elif spec.kind == "trait + field equality":
-            query = t.Query.boolean_query([
-                (t.Occur.Must, t.Query.term_query(s, "type", TRAIT)),
-                (t.Occur.Must, t.Query.term_query(s, "folder", spec.folder)),
-            ])
+            query = t.Query.boolean_query(
+                [
+                    (t.Occur.Must, t.Query.term_query(s, "type", TRAIT)),
+                    (t.Occur.Must, t.Query.term_query(s, "folder", spec.folder)),
+                ]
+            )
             order = {"order_by_field": "seq", "order": t.Order.Desc}
         elif spec.kind == "trait sorted by field":
             query = t.Query.term_query(s, "type", TRAIT)
@@ -579,7 +596,7 @@ def bare_queries(bare: BareIndex, specs_by_kind: dict[str, list[QuerySpec]], war
         for fuzzy in (True, False):
             if not fuzzy and kind not in ("single-term match", "two-term match", "query string"):
                 continue
-            calls = [lambda s=s: bare.run(s, fuzzy) for s in specs[:warmup] + specs]
+            calls = [lambda s=s, f=fuzzy: bare.run(s, f) for s in specs[:warmup] + specs]
             figures[(kind, fuzzy)] = measure(calls, warmup)
     return figures
 
@@ -602,9 +619,22 @@ def profiler(args: argparse.Namespace, pid: int, phase: str) -> subprocess.Popen
     if not args.py_spy or args.py_spy_phase != phase:
         return None
     spy = subprocess.Popen(
-        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--threads", "--output",
-         args.py_spy, "--format", args.py_spy_format, "--rate", "200", "--nonblocking"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--threads",
+            "--output",
+            args.py_spy,
+            "--format",
+            args.py_spy_format,
+            "--rate",
+            "200",
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     time.sleep(1)
     return spy

@@ -9,16 +9,19 @@
 # 3. `podman build -f deploy/Containerfile --build-arg BASE_IMAGE=<base>`.
 #
 # Environment: EXO_IMAGE (tag to build), EXO_BASE_IMAGE, PY (python of the venv), CONTAINERS_CONF
-# (default deploy/containers.conf).
+# (default deploy/containers.conf), EXO_CONTAINER_TOOL (podman, or docker: same commands).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/deploy/containers.conf}"
 PY="${PY:-.venv/bin/python}"
 IMAGE="${EXO_IMAGE:-localhost/exocore:latest}"
+TOOL="${EXO_CONTAINER_TOOL:-podman}"
 PUBLIC_BASE="docker.io/library/python:3.11-slim"
 LOCAL_BASE="localhost/exocore-base:bookworm"
 STAGE="build/image"
+
+exists() { "$TOOL" image inspect "$1" >/dev/null 2>&1; }
 
 build_local_base() {
     if [ "$(id -u)" != 0 ]; then
@@ -37,21 +40,21 @@ build_local_base() {
     debootstrap --variant=minbase --include=python3,ca-certificates bookworm "$rootfs" "$mirror" \
         > build/debootstrap.log 2>&1 || { tail -20 build/debootstrap.log >&2; exit 1; }
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/log/*.log
-    tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$LOCAL_BASE" >/dev/null
+    tar -C "$rootfs" -c . | "$TOOL" import --change 'CMD ["/bin/bash"]' - "$LOCAL_BASE" >/dev/null
     echo "   done in $(( $(date +%s) - started ))s"
 }
 
 mkdir -p build
 base="${EXO_BASE_IMAGE:-}"
 if [ -z "$base" ]; then
-    if podman image exists "$PUBLIC_BASE" || podman pull -q "$PUBLIC_BASE" >/dev/null 2>&1; then
+    if exists "$PUBLIC_BASE" || "$TOOL" pull -q "$PUBLIC_BASE" >/dev/null 2>&1; then
         base="$PUBLIC_BASE"
     else
         echo "== no image registry reachable: the base image is a local Debian one ($LOCAL_BASE)"
         base="$LOCAL_BASE"
     fi
 fi
-if [ "$base" = "$LOCAL_BASE" ] && ! podman image exists "$LOCAL_BASE"; then
+if [ "$base" = "$LOCAL_BASE" ] && ! exists "$LOCAL_BASE"; then
     build_local_base
 fi
 
@@ -74,6 +77,6 @@ find "$STAGE/app" -name __pycache__ -type d -prune -exec rm -rf {} +
 cp libs/exocommon/gen/exocore.fds "$STAGE/app/"
 cp deploy/Containerfile "$STAGE/Containerfile"
 
-echo "== podman build $IMAGE (FROM $base)"
-podman build -q --build-arg BASE_IMAGE="$base" -t "$IMAGE" -f "$STAGE/Containerfile" "$STAGE" >/dev/null
-echo "   $(podman image inspect --format '{{.Id}}' "$IMAGE" | cut -c1-12) $IMAGE"
+echo "== $TOOL build $IMAGE (FROM $base)"
+"$TOOL" build -q --build-arg BASE_IMAGE="$base" -t "$IMAGE" -f "$STAGE/Containerfile" "$STAGE" >/dev/null
+echo "   $("$TOOL" image inspect --format '{{.Id}}' "$IMAGE" | cut -c1-12) $IMAGE"

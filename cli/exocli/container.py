@@ -19,6 +19,10 @@ the image and data never lives in the config mount:
   ``exo deploy compose`` writes it), else ``$EXO_CELL_CONFIG`` (default ``$EXO_CONFIG_DIR/cell.yaml``,
   as ``exo deploy k8s render`` writes it; only for a node with one cell).
 * The cell is ``$EXO_CELL`` (an id or a name), else the node's only cell.
+* Before the service starts, the host name of its own address in node.yaml (`node3-chain` in
+  compose) must resolve, for up to $EXO_DNS_WAIT_S seconds (default 10; 0 = no wait): a container
+  that (re)starts can see its first DNS queries dropped while the network's DNS server is updated,
+  and gRPC then waits long before it resolves the peers' names again.
 * chain: when the chain folder has no block yet and the cell config holds the cell keypair, the
   genesis block is written (it is deterministic: every node writes the same bytes); a node without
   the keypair downloads it from its peers.
@@ -36,6 +40,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,6 +177,22 @@ def _ensure_genesis(directory: NodeDirectory, cell: Cell) -> None:
             print(f"genesis block of cell {cell_id} written", file=sys.stderr, flush=True)
 
 
+def wait_for_dns(address: str, timeout_s: float) -> bool:
+    """Waits until the host of `address` ("host:port") resolves; False after `timeout_s`."""
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    if not host or timeout_s <= 0:
+        return True
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return True
+        except (socket.gaierror, UnicodeError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
 def service_argv(service: str, directory: NodeDirectory, cell_id: str, extra: Sequence[str]) -> list[str]:
     log_level = _env("EXO_LOG", "info")
     return [
@@ -206,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ContainerSetupError, ExocoreError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        own = getattr(directory.load_local_node().addresses, args.service)
+        wait_s = float(_env("EXO_DNS_WAIT_S", "10"))
+        if own and not wait_for_dns(own, wait_s):
+            print(f"warning: {own} does not resolve after {wait_s:g}s; starting anyway", file=sys.stderr, flush=True)
         argv_out = service_argv(args.service, directory, cell_id, args.args)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,11 @@ def test_apply_creates_the_namespace_first():
         "/api/v1/namespaces/mine/secrets",
         "/apis/apps/v1/namespaces/exocore/deployments",
     ]
+
+
+def test_entrypoint_waits_for_its_own_name_to_resolve():
+    assert container.wait_for_dns("localhost:3310", 1.0)
+    started = time.monotonic()
+    assert not container.wait_for_dns("no-such-host.invalid:3310", 0.3)
+    assert time.monotonic() - started < 5
+    assert container.wait_for_dns("no-such-host.invalid:3310", 0)  # 0 = do not wait

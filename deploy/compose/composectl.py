@@ -192,7 +192,8 @@ def info(cell: ComposeCell) -> str:
             '"message": {"@type": "type.googleapis.com/exocore.test.TestMessage", "string1": "hello"}}}}], '
             '"waitIndexed": true}\'',
             f"  {exo} store query --match hello",
-            "make compose-down removes the cell (containers, network, data volumes).",
+            f"make compose-down{'' if cell.nodes == 3 else f' NODES={cell.nodes}'} removes the cell "
+            "(containers, network, data volumes).",
         ]
     return "\n".join(lines)
 
@@ -211,10 +212,11 @@ def down(cell: ComposeCell, keep_data: bool = False) -> None:
     """`podman-compose down`, then whatever it leaves: containers added by `--scale` (it only knows the
     replicas of its own invocation) and what depends on them, the volumes and the network."""
     label = f"label=io.podman.compose.project={cell.project}"
-    try:
-        compose(cell, "--profile", "replicas", "down", *([] if keep_data else ["-v"]), "-t", "20")
-    except RuntimeError as exc:
-        print(f"warning: {exc}", file=sys.stderr)
+    if cell.compose_file.is_file():
+        try:
+            compose(cell, "--profile", "replicas", "down", *([] if keep_data else ["-v"]), "-t", "20")
+        except RuntimeError as exc:
+            print(f"warning: {exc}", file=sys.stderr)
     leftovers = [c.name for c in containers(cell)]
     if leftovers:
         run(["podman", "rm", "-f", "--depend", "-t", "20", *leftovers], quiet=True)

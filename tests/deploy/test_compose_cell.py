@@ -211,7 +211,9 @@ def compose_cell():
         for container in ctl.containers(cell):
             result = podman("logs", container.name, check=False)
             (logs / f"{container.name}.log").write_text(result.stdout + result.stderr)
+        started = time.monotonic()
         ctl.down(cell)
+        print(f"cell removed in {time.monotonic() - started:.1f} s")
 
 
 def test_three_node_cell_in_containers(compose_cell):
@@ -231,8 +233,11 @@ def test_three_node_cell_in_containers(compose_cell):
     acked: dict[str, int] = {}
     with cell.client(cell.container("node1-gateway")) as node1, cell.client(cell.container("node3-gateway")) as node3:
         # -- write through node1's gateway, read through node3's
+        started = time.monotonic()
         write(node1, "first", 20, acked)
         wait_for("node3's gateway reads node1's writes", lambda: visible_ids(node3, list(acked)) == set(acked), 60)
+        results["first_writes_read_s"] = round(time.monotonic() - started, 1)
+        print(f"20 writes through node1's gateway, all read through node3's: {results['first_writes_read_s']} s")
 
         # -- a store crashes: SIGKILL node2-store's service while writes go on; it restarts and catches up
         name, restarts = cell.kill_service("node2-store")

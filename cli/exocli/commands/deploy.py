@@ -17,13 +17,14 @@ exo deploy k8s apply (--overlay DIR | -f FILE) | status | scale SERVICE N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,6 @@ from exocore.core import config_pb2
 # Fixed ports inside containers and pods (every container has its own network namespace).
 PORTS = {"chain": 3310, "store": 3320, "gateway": 3330, "apphost": 3340}
 HTTP_PORT = 8080
-DISCOVERY_PORT = 8085
 # The user the image runs as: the generated configs must be readable by its group.
 CONTAINER_GID = 10001
 DEFAULT_NAMESPACE = "exocore"
@@ -423,6 +423,9 @@ class KubeApi:
         except ValueError:
             return {}
 
+    def close(self) -> None:
+        self.api_client.close()
+
     def get(self, path: str, query: Sequence[tuple[str, str]] = ()) -> dict[str, Any] | None:
         try:
             return self.request("GET", path, query=query)
@@ -462,6 +465,16 @@ def connect(args: argparse.Namespace) -> tuple[KubeApi, str]:
         except (ConfigException, OSError):
             namespace = None
     return KubeApi(api_client), namespace or DEFAULT_NAMESPACE
+
+
+@contextlib.contextmanager
+def connected(args: argparse.Namespace) -> Iterator[tuple[KubeApi, str]]:
+    """`connect`, closing the client (its connection pool) afterwards."""
+    api, namespace = connect(args)
+    try:
+        yield api, namespace
+    finally:
+        api.close()
 
 
 # -- Kubernetes: apply -----------------------------------------------------------------------------
@@ -540,9 +553,9 @@ def k8s_apply_command(ctx: Context, args: argparse.Namespace) -> None:
         except OSError as exc:
             raise NotFound(f"cannot read {args.file}: {exc}") from None
     documents = load_manifests(text)
-    api, namespace = connect(args)
-    for line in apply_manifests(api, documents, namespace, manage_namespaces=not args.no_namespace):
-        print(line)
+    with connected(args) as (api, namespace):
+        for line in apply_manifests(api, documents, namespace, manage_namespaces=not args.no_namespace):
+            print(line)
 
 
 # -- Kubernetes: status and scale ------------------------------------------------------------------
@@ -562,50 +575,50 @@ def cell_info(api: KubeApi, namespace: str) -> dict[str, str]:
 
 
 def k8s_status_command(ctx: Context, args: argparse.Namespace) -> int:
-    api, namespace = connect(args)
-    info = cell_info(api, namespace)
-    if info:
-        print(
-            f"cell {info.get('cell-name', '?')} ({info.get('cell-id', '?')}), "
-            f"{info.get('chain-nodes', '?')} chain node(s), namespace {namespace}"
-        )
-    else:
-        print(f"namespace {namespace}: no exo-cell-info ConfigMap (render and apply the cell first)")
-    rows = []
-    by_name = {}
-    for kind in ("StatefulSet", "Deployment"):
-        for item in _items(api, "apps/v1", kind, namespace):
-            by_name[item["metadata"]["name"]] = (kind, item)
-    if not by_name:
-        print("no Exocore workload in this namespace")
-        return 1
-    all_ready = True
-    for service, (kind, _, name) in WORKLOADS.items():
-        if name not in by_name:
-            continue
-        item = by_name[name][1]
-        desired = int(item.get("spec", {}).get("replicas", 1))
-        status = item.get("status") or {}
-        ready = int(status.get("readyReplicas") or 0)
-        all_ready &= ready >= desired
-        rows.append((service, f"{kind.lower()}/{name}", f"{ready}/{desired}"))
-    for hpa in _items(api, "autoscaling/v2", "HorizontalPodAutoscaler", namespace):
-        spec = hpa.get("spec", {})
-        target = spec.get("scaleTargetRef", {}).get("name", "?")
-        current = (hpa.get("status") or {}).get("currentReplicas", "?")
-        rows.append(
-            (
-                "  hpa",
-                f"hpa/{hpa['metadata']['name']} -> {target}",
-                f"{current} (min {spec.get('minReplicas', 1)}, max {spec.get('maxReplicas')})",
+    with connected(args) as (api, namespace):
+        info = cell_info(api, namespace)
+        if info:
+            print(
+                f"cell {info.get('cell-name', '?')} ({info.get('cell-id', '?')}), "
+                f"{info.get('chain-nodes', '?')} chain node(s), namespace {namespace}"
             )
-        )
-    width = max(len(r[1]) for r in rows)
-    print(f"{'SERVICE':<10} {'WORKLOAD':<{width}} READY")
-    for service, workload, ready in rows:
-        print(f"{service:<10} {workload:<{width}} {ready}")
-    print("all ready" if all_ready else "not all replicas are ready")
-    return 0
+        else:
+            print(f"namespace {namespace}: no exo-cell-info ConfigMap (render and apply the cell first)")
+        rows = []
+        by_name = {}
+        for kind in ("StatefulSet", "Deployment"):
+            for item in _items(api, "apps/v1", kind, namespace):
+                by_name[item["metadata"]["name"]] = (kind, item)
+        if not by_name:
+            print("no Exocore workload in this namespace")
+            return 1
+        all_ready = True
+        for service, (kind, _, name) in WORKLOADS.items():
+            if name not in by_name:
+                continue
+            item = by_name[name][1]
+            desired = int(item.get("spec", {}).get("replicas", 1))
+            status = item.get("status") or {}
+            ready = int(status.get("readyReplicas") or 0)
+            all_ready &= ready >= desired
+            rows.append((service, f"{kind.lower()}/{name}", f"{ready}/{desired}"))
+        for hpa in _items(api, "autoscaling/v2", "HorizontalPodAutoscaler", namespace):
+            spec = hpa.get("spec", {})
+            target = spec.get("scaleTargetRef", {}).get("name", "?")
+            current = (hpa.get("status") or {}).get("currentReplicas", "?")
+            rows.append(
+                (
+                    "  hpa",
+                    f"hpa/{hpa['metadata']['name']} -> {target}",
+                    f"{current} (min {spec.get('minReplicas', 1)}, max {spec.get('maxReplicas')})",
+                )
+            )
+        width = max((len(r[1]) for r in rows), default=8)
+        print(f"{'SERVICE':<10} {'WORKLOAD':<{width}} READY")
+        for service, workload, ready in rows:
+            print(f"{service:<10} {workload:<{width}} {ready}")
+        print("all ready" if all_ready else "not all replicas are ready")
+        return 0
 
 
 def k8s_scale_command(ctx: Context, args: argparse.Namespace) -> None:
@@ -614,30 +627,33 @@ def k8s_scale_command(ctx: Context, args: argparse.Namespace) -> None:
         raise InvalidArgument("replicas must be >= 0")
     if service == "apphost" and replicas > 1:
         raise InvalidArgument("the app host is a singleton: 0 or 1 replica")
-    api, namespace = connect(args)
-    kind, _, name = WORKLOADS[service]
-    path = KubeApi.path("apps/v1", kind, namespace, name)
-    current = api.get(path)
-    if current is None:
-        raise NotFound(f"{kind.lower()}/{name} does not exist in namespace {namespace} (apply an overlay first)")
-    if service == "chain":
-        nodes = cell_info(api, namespace).get("chain-nodes")
-        if nodes is None:
-            raise FailedPrecondition("no exo-cell-info ConfigMap: cannot tell how many chain nodes the cell has")
-        if replicas > int(nodes):
-            raise FailedPrecondition(
-                f"the cell has {nodes} chain node(s): chain pods are its members, one identity each. Add nodes to the "
-                "cell (`exo cell node add`), re-render (`exo deploy k8s render`) and apply before scaling the chain"
-            )
-        if replicas < int(nodes) // 2 + 1:
-            print(f"warning: {replicas} of {nodes} chain nodes is below a quorum: no block commits", file=sys.stderr)
-    if service == "gateway":
-        for hpa in _items(api, "autoscaling/v2", "HorizontalPodAutoscaler", namespace):
-            if hpa.get("spec", {}).get("scaleTargetRef", {}).get("name") == name:
-                print(
-                    f"warning: hpa/{hpa['metadata']['name']} manages {name}'s replicas and may change them",
-                    file=sys.stderr,
+    with connected(args) as (api, namespace):
+        kind, _, name = WORKLOADS[service]
+        path = KubeApi.path("apps/v1", kind, namespace, name)
+        current = api.get(path)
+        if current is None:
+            raise NotFound(f"{kind.lower()}/{name} does not exist in namespace {namespace} (apply an overlay first)")
+        if service == "chain":
+            nodes = cell_info(api, namespace).get("chain-nodes")
+            if nodes is None:
+                raise FailedPrecondition("no exo-cell-info ConfigMap: cannot tell how many chain nodes the cell has")
+            if replicas > int(nodes):
+                raise FailedPrecondition(
+                    f"the cell has {nodes} chain node(s): chain pods are its members, one identity each. Add "
+                    "nodes to the cell (`exo cell node add`), re-render (`exo deploy k8s render`) and apply before "
+                    "scaling the chain"
                 )
-    before = current.get("spec", {}).get("replicas", 1)
-    api.patch(path, {"spec": {"replicas": replicas}})
-    print(f"{service}: {kind.lower()}/{name} {before} -> {replicas} replica(s)")
+            if replicas < int(nodes) // 2 + 1:
+                print(
+                    f"warning: {replicas} of {nodes} chain nodes is below a quorum: no block commits", file=sys.stderr
+                )
+        if service == "gateway":
+            for hpa in _items(api, "autoscaling/v2", "HorizontalPodAutoscaler", namespace):
+                if hpa.get("spec", {}).get("scaleTargetRef", {}).get("name") == name:
+                    print(
+                        f"warning: hpa/{hpa['metadata']['name']} manages {name}'s replicas and may change them",
+                        file=sys.stderr,
+                    )
+        before = current.get("spec", {}).get("replicas", 1)
+        api.patch(path, {"spec": {"replicas": replicas}})
+        print(f"{service}: {kind.lower()}/{name} {before} -> {replicas} replica(s)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import gc
 import logging
 import signal
 import sys
@@ -34,6 +35,8 @@ log = logging.getLogger("exochain")
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+# Allocations (net of deallocations) between two youngest-generation garbage collections.
+GC_THRESHOLD_ALLOCATIONS = 20_000
 
 
 class ConfigurationProblem(Exception):
@@ -142,6 +145,17 @@ async def run(setup: ChainNodeSetup, storage: LevelDbStorage) -> int:
     return EXIT_FAILURE if service.fatal_error is not None else 0
 
 
+def tune_garbage_collector() -> None:
+    """Fewer cyclic garbage collections. The service holds many long-lived objects (the pending
+    store's mirror, recent blocks) and allocates several per operation; with the default thresholds
+    (a collection every 700 allocations, a full one every 100 of those) collections took about a
+    quarter of the CPU under load. Almost all garbage is freed by reference counting anyway; what
+    exists at startup (modules, configuration) is moved out of the collector's sight for good."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_ALLOCATIONS, 10, 10)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exochain", description="Run the chain service of one cell.")
     parser.add_argument("--dir", required=True, help="node directory (holds node.yaml)")
@@ -175,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         storage_log.setLevel(logging.NOTSET)
     try:
         check_genesis(storage, setup.cell)
+        tune_garbage_collector()
         return asyncio.run(run(setup, storage))
     except ConfigurationProblem as exc:
         print(f"error: {exc}", file=sys.stderr)

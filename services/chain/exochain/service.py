@@ -48,9 +48,10 @@ import asyncio
 import enum
 import itertools
 import logging
+import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,7 +61,7 @@ from google.protobuf.message import DecodeError
 
 from exochain.core.common import ChainCell, LocalChainNode, Outgoing
 from exochain.core.engine import MAX_ENTRY_BYTES, ChainTruncated, Engine, EngineEvent, NewBlocks, NewPendingOperations
-from exochain.model import BlockView, SignedOp
+from exochain.model import BlockView, SignedOp, block_event_bytes, pending_batch_event_bytes
 from exocommon import canonical
 from exocommon.clock import Clock, TimeSource
 from exocommon.config import Cell, Role
@@ -86,6 +87,8 @@ GET_BLOCKS_MAX_BYTES = 8 * 1024 * 1024
 
 # A tick longer than this (or 10 tick intervals) is logged: the event loop served nothing meanwhile.
 SLOW_TICK_S = 0.5
+# A peer message whose handling takes longer than this is logged, with what it held.
+SLOW_INPUT_S = 0.1
 
 # Replay reads from storage in batches of this many blocks / operations between two writes.
 REPLAY_BATCH_BLOCKS = 64
@@ -107,14 +110,19 @@ class ShellConfig:
     """Limits of the shell itself (the engine's are in `EngineConfig`)."""
 
     tick_interval_s: float = 0.1
-    # Per peer: queued messages, calls in flight, deadline of one Deliver call.
+    # Per peer: queued messages, calls in flight (urgent messages do not count), deadline of one call.
     peer_queue_len_max: int = 1_000
-    peer_in_flight_max: int = 4
+    peer_in_flight_max: int = 2
     peer_deadline_s: float = 5.0
-    # Flow control: an append waits until enough peers (with us, a quorum) have fewer messages than
-    # this queued or in flight, so that appends cannot outrun replication (queues, and then the
-    # pending store and the blocks, would grow without bound and every latency with them).
+    # Flow control: an append waits until the peers have fewer messages than this queued or in
+    # flight (the slower ones for at most `append_peer_wait_max_s` once a quorum has), so that appends
+    # cannot outrun replication (queues, then the pending store and the blocks, would grow without
+    # bound and every latency with them).
     append_peer_backlog_max: int = 16
+    append_peer_wait_max_s: float = 1.0
+    # Flow control too: an append waits while this node holds this many entries not committed yet
+    # (a chain that cannot keep up, or has no quorum, does not let the pending store grow without end).
+    append_uncommitted_max: int = 10_000
     # Per subscriber: buffered events (the original's events_stream_buffer_size); subscribers.
     subscriber_queue_len_max: int = 1_000
     subscribers_max: int = 256
@@ -227,6 +235,7 @@ class PeerLink:
         self.node_id = node_id
         self._on_progress = on_progress
         self._in_flight = 0
+        self._bulk_in_flight = 0
         self.address = address
         self._signer = signer
         self._config = config
@@ -257,23 +266,25 @@ class PeerLink:
         return None
 
     async def run(self) -> None:
+        """Sends queued messages: urgent ones at once, the others with at most `peer_in_flight_max`
+        calls in flight (an urgent message never waits for a slot behind bulk ones)."""
         channel = create_channel(self.address, retry=False, options=_PEER_CHANNEL_OPTIONS)
         stub = chain_pb2_grpc.ChainPeerStub(channel)
-        in_flight = asyncio.Semaphore(self._config.peer_in_flight_max)
         tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
-                while not (self._queue or self._urgent):
+                if self._urgent:
+                    message, bulk = self._urgent.popleft(), False
+                elif self._queue and self._bulk_in_flight < self._config.peer_in_flight_max:
+                    message, bulk = self._queue.popleft(), True
+                else:
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                await in_flight.acquire()
-                message = self._next()
-                if message is None:
-                    in_flight.release()
                     continue
                 envelope = self._signer.seal(self.node_id, message)
                 self._in_flight += 1
-                task = asyncio.create_task(self._deliver(stub, envelope, in_flight))
+                self._bulk_in_flight += bulk
+                task = asyncio.create_task(self._deliver(stub, envelope, bulk))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -282,9 +293,7 @@ class PeerLink:
             await asyncio.gather(*tasks, return_exceptions=True)
             await channel.close()
 
-    async def _deliver(
-        self, stub: chain_pb2_grpc.ChainPeerStub, envelope: chain_pb2.PeerEnvelope, in_flight: asyncio.Semaphore
-    ) -> None:
+    async def _deliver(self, stub: chain_pb2_grpc.ChainPeerStub, envelope: chain_pb2.PeerEnvelope, bulk: bool) -> None:
         try:
             await stub.Deliver(envelope, timeout=self._config.peer_deadline_s)
         except grpc.aio.AioRpcError as exc:
@@ -304,8 +313,9 @@ class PeerLink:
                 log.info("peer %s at %s is reachable again", self.node_id, self.address)
             self._reachable = True
         finally:
-            in_flight.release()
             self._in_flight -= 1
+            self._bulk_in_flight -= bulk
+            self._wakeup.set()
             if self._on_progress is not None:
                 self._on_progress()
 
@@ -367,10 +377,13 @@ def _operation_id(signed: chain_pb2.SignedOperation) -> int:
     return chain_pb2.Operation.FromString(signed.operation_bytes).operation_id
 
 
+def _block_event(block: BlockView) -> chain_pb2.ChainEvent:
+    # Parsed from the block's serialisation (kept by the store): far cheaper than building it.
+    return chain_pb2.ChainEvent.FromString(block_event_bytes(block))
+
+
 def _pending_batch_event(ops: Iterable[SignedOp]) -> chain_pb2.ChainEvent:
-    return chain_pb2.ChainEvent(
-        pending_batch=chain_pb2.PendingOperations(operations=[op.to_proto() for op in ops])
-    )
+    return chain_pb2.ChainEvent.FromString(pending_batch_event_bytes(ops))
 
 
 def _is_entry(op: SignedOp) -> bool:
@@ -389,7 +402,7 @@ def chain_events_of(events: Iterable[EngineEvent], pending_batches: bool = False
             elif entries:
                 out.append(_pending_batch_event(entries))
         elif isinstance(event, NewBlocks):
-            out.extend(chain_pb2.ChainEvent(block=block.to_proto()) for block in event.blocks)
+            out.extend(_block_event(block) for block in event.blocks)
         elif isinstance(event, ChainTruncated):
             # The removed blocks' entries follow as a NewPendingOperations event.
             out.append(chain_pb2.ChainEvent(truncated=chain_pb2.ChainTruncated(from_offset=event.from_offset)))
@@ -424,6 +437,7 @@ class ChainService:
         self._signer = EnvelopeSigner(self.cell.cell_id, engine.local, time_source)
         self.peers: dict[str, PeerLink] = {}
         self._peer_progress = asyncio.Event()
+        self._commit_progress = asyncio.Event()
         for node_id, address in sorted(peer_addresses.items()):
             if address:
                 self.peers[node_id] = PeerLink(node_id, address, self._signer, self.config, self._peer_progress.set)
@@ -503,6 +517,8 @@ class ChainService:
     def _after_input(self) -> None:
         outbox = self.engine.take_outbox()
         events = self.engine.take_events()
+        if any(isinstance(event, NewBlocks) for event in events):
+            self._commit_progress.set()
         durability = self._durability
         if durability is None or not (self._held or self._syncing or durability.has_unsynced_writes()):
             self._release(outbox, events)
@@ -514,7 +530,7 @@ class ChainService:
     async def durable(self) -> None:
         """Returns once every write made so far is durable (at once without group commit)."""
         durability = self._durability
-        if durability is None or not (self._held or self._syncing or durability.has_unsynced_writes()):
+        if durability is None or not durability.has_unsynced_writes():
             return
         waiter = asyncio.get_running_loop().create_future()
         self._sync_waiters.append(waiter)
@@ -572,21 +588,49 @@ class ChainService:
         """Appends entries (once replication has room for them); their ids are durable on this node
         when this returns."""
         await self._replication_room()
+        await self._commit_room()
         operation_ids = self.append(entries)
         await self.durable()
         return operation_ids
 
-    async def _replication_room(self) -> None:
-        """Waits until enough peers to make a quorum with us have a short backlog (flow control; a
-        dead peer's messages fail fast, so it never holds appends up)."""
-        links = list(self.peers.values())
-        # Peers that make a quorum together with this node.
-        needed = next((k for k in range(len(links) + 1) if self.cell.has_quorum(k + 1)), len(links))
-        limit = self.config.append_peer_backlog_max
-        while sum(1 for link in links if link.backlog() < limit) < needed:
-            self._peer_progress.clear()
+    async def _commit_room(self) -> None:
+        """Waits while too many entries wait to be committed (flow control)."""
+        limit = self.config.append_uncommitted_max
+        while self.engine.uncommitted_entries() >= limit:
+            self._commit_progress.clear()
             try:
-                await asyncio.wait_for(self._peer_progress.wait(), timeout=1.0)
+                await asyncio.wait_for(self._commit_progress.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+    async def _replication_room(self) -> None:
+        """Waits (flow control) until every peer has a short backlog, or at most
+        `append_peer_wait_max_s` for the slower ones once enough to make a quorum with us have. Waiting
+        for the slowest peer keeps it from falling ever further behind (its lag turns into large
+        anti-entropy exchanges, and it proposes in its turn); the bound keeps a peer that is down or
+        very slow from holding appends up (a dead peer's messages fail fast anyway)."""
+        links = list(self.peers.values())
+        if not links:
+            return
+        # Peers that make a quorum together with this node.
+        quorum = next((k for k in range(len(links) + 1) if self.cell.has_quorum(k + 1)), len(links))
+        limit = self.config.append_peer_backlog_max
+        loop = asyncio.get_running_loop()
+        give_up_at: float | None = None
+        while True:
+            ready = sum(1 for link in links if link.backlog() < limit)
+            if ready == len(links):
+                return
+            if ready >= quorum:
+                now = loop.time()
+                if give_up_at is None:
+                    give_up_at = now + self.config.append_peer_wait_max_s
+                elif now >= give_up_at:
+                    return
+            self._peer_progress.clear()
+            timeout = 1.0 if give_up_at is None else max(0.0, give_up_at - loop.time())
+            try:
+                await asyncio.wait_for(self._peer_progress.wait(), timeout=timeout)
             except TimeoutError:
                 pass
 
@@ -606,10 +650,27 @@ class ChainService:
 
     def deliver(self, envelope: chain_pb2.PeerEnvelope) -> None:
         message = open_envelope(envelope, self.cell, self.node_id, self._now_ns())
+        started = time.perf_counter()
         try:
             self.engine.on_message(envelope.from_node_id, message, self._now_ns())
         finally:
             self._after_input()
+            took = time.perf_counter() - started
+            if took > SLOW_INPUT_S:
+                kind = message.WhichOneof("kind")
+                ranges = message.pending_sync.ranges if kind == "pending_sync" else ()
+                log.info(
+                    "peer message took %.0f ms (the event loop served nothing else meanwhile)",
+                    took * 1000,
+                    extra={
+                        "from": envelope.from_node_id,
+                        "kind": kind,
+                        "bytes": len(envelope.message_bytes),
+                        "ranges": len(ranges),
+                        "operations": sum(len(r.operations) for r in ranges),
+                        "headers": sum(len(r.operations_headers) for r in ranges),
+                    },
+                )
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -662,16 +723,14 @@ class ChainService:
                     break
                 response.headers.append(head.partial_header())
             return response
-        for block in itertools.islice(self.engine.chain.blocks_from(request.from_offset), max_count):
-            if request.to_offset and block.offset > request.to_offset:
+        for offset, data in itertools.islice(self.engine.chain.encoded_blocks_from(request.from_offset), max_count):
+            if request.to_offset and offset > request.to_offset:
                 break
-            proto = block.to_proto()
             # Encoded size (with signatures and batch proofs), not the block's size in the chain.
-            block_size = proto.ByteSize()
-            if response.blocks and size + block_size > GET_BLOCKS_MAX_BYTES:
+            if response.blocks and size + len(data) > GET_BLOCKS_MAX_BYTES:
                 break
-            response.blocks.append(proto)
-            size += block_size
+            response.blocks.append(chain_pb2.Block.FromString(data))
+            size += len(data)
         return response
 
     def status(self) -> chain_pb2.ChainStatus:
@@ -714,7 +773,7 @@ class ChainService:
                 if not batch:
                     break
                 for block in batch:
-                    yield chain_pb2.ChainEvent(block=block.to_proto())
+                    yield _block_event(block)
                     horizon = block.offset
                 if subscriber.discontinued or subscriber.closed:
                     break

@@ -196,16 +196,20 @@ def test_request_from_a_member_without_the_chain_role_is_dropped():
 # --- building ranges -------------------------------------------------------------------------
 
 
-def test_100_operations_make_4_chained_ranges_from_and_to_unbounded():
+def test_100_operations_make_4_chained_ranges_from_unbounded_to_the_push_horizon():
     cluster = Cluster(2)
     a, _ = cluster.nodes
     ops = a.ops(range(1, 101))
     a.store(ops)
+    recent = a.ops([NOW - 1])  # being pushed: left to the next check
+    a.store(recent)
     ranges = only_request(a.sync.tick(NOW)).ranges
     assert len(ranges) == 4
     assert [r.operations_count for r in ranges] == [31, 31, 31, 7]
     assert (ranges[0].from_operation, ranges[0].from_included) == (0, False)
-    assert (ranges[-1].to_operation, ranges[-1].to_included) == (0, False)
+    horizon = NOW - cluster.config.request_min_interval_ns // 2
+    assert a.sync.push_horizon(NOW) == horizon
+    assert (ranges[-1].to_operation, ranges[-1].to_included) == (horizon, True)
     for previous, following in zip(ranges, ranges[1:], strict=False):
         assert previous.to_operation == following.from_operation
         assert previous.to_included and not following.from_included
@@ -235,13 +239,16 @@ def test_whole_store_request_filters_operations_committed_before_the_cleanup_hei
     assert request.ranges[0].operations_count == 0
 
 
-def test_from_block_height_prefers_the_request_then_the_cleanup_state():
+def test_from_block_height_is_the_higher_of_the_request_and_the_cleanup_state():
     cluster = Cluster(1)
     node = cluster.nodes[0]
     assert node.sync.from_block_height(0) is None
+    assert node.sync.from_block_height(7) == 7
     node.meta.set_int(META_CLEANUP_HEIGHT, 10)
     assert node.sync.from_block_height(0) == 12
     assert node.sync.from_block_height(20) == 20
+    # A request from a node whose cleanup is behind ours: we cannot hand over what we cleaned up.
+    assert node.sync.from_block_height(5) == 12
 
 
 def test_height_filter_keeps_uncommitted_and_recently_committed_operations():

@@ -214,3 +214,66 @@ async def test_blocks_committed_by_ticks_reach_subscribers_and_get_operations():
     assert all(s.block_height == 2 for s in stored)
     with pytest.raises(InvalidArgument):
         service.append([])
+
+
+def batch_ids(event: chain_pb2.ChainEvent) -> list[int]:
+    return [chain_pb2.Operation.FromString(op.operation_bytes).operation_id for op in event.pending_batch.operations]
+
+
+async def test_pending_batches_carry_each_operation_once_across_the_replay():
+    service = one_node_service()
+    first = service.append([b"a", b"b", b"c"])
+    stream = service.subscribe(chain_pb2.SubscribeRequest(pending_batches=True))
+    events = [await anext(stream)]  # the genesis block: the replay is under way
+    during = service.append([b"d", b"e"])  # in the pending store *and* queued as a live batch
+    while kind(events[-1]) != "caught_up":
+        events.append(await anext(stream))
+    after = service.append([b"f", b"g"])
+    events.append(await anext(stream))
+    await stream.aclose()
+
+    assert "pending" not in [kind(e) for e in events]
+    batches = [batch_ids(e) for e in events if kind(e) == "pending_batch"]
+    assert [i for batch in batches for i in batch] == first + during + after
+    assert batches[-1] == after  # one live event for one append
+
+
+class FakeDurability:
+    """Writes are durable only after `sync()` (which the service runs in a worker thread)."""
+
+    def __init__(self) -> None:
+        self.unsynced = False
+        self.syncs = 0
+
+    def has_unsynced_writes(self) -> bool:
+        return self.unsynced
+
+    def sync(self) -> None:
+        self.syncs += 1
+        self.unsynced = False
+
+
+async def test_group_commit_answers_appends_and_publishes_only_after_a_sync():
+    service = one_node_service()
+    durability = FakeDurability()
+    service._durability = durability  # type: ignore[attr-defined]
+    service._sync_executor = __import__("concurrent.futures").futures.ThreadPoolExecutor(1)  # type: ignore[attr-defined]
+    stream = service.subscribe(chain_pb2.SubscribeRequest(pending_batches=True))
+    while kind(await anext(stream)) != "caught_up":
+        pass
+    sync_task = asyncio.create_task(service._sync_loop())  # type: ignore[attr-defined]
+    try:
+        durability.unsynced = True  # as if the append's writes were still in the OS only
+        ids = service.append([b"x"])
+        waiting = asyncio.ensure_future(service.durable())
+        next_event = asyncio.ensure_future(anext(stream))
+        # Held: nothing published, the append not answered, until the sync ran.
+        await asyncio.sleep(0.05)
+        assert durability.syncs == 1 and waiting.done() and next_event.done()
+        assert batch_ids(next_event.result()) == ids
+        # Without unsynced writes, outputs go out at once and nothing waits.
+        await service.durable()
+        assert durability.syncs == 1
+    finally:
+        sync_task.cancel()
+        await stream.aclose()

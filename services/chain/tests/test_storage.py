@@ -629,3 +629,31 @@ def test_pending_replaced_by_the_same_operation_signed_in_another_batch(backend)
     entry = backend.pending.get(10)
     assert entry.op.signature == in_batch.signature and entry.op.batch_size == 2
     assert entry.committed == CommitStatus(5, 2)  # same operation: local status kept
+
+
+def test_group_commit_sync_covers_the_writes_made_before_it(tmp_path):
+    blocks = make_chain(3, 4)
+    with LevelDbStorage(tmp_path / "db", sync_writes=False) as storage:
+        assert not storage.has_unsynced_writes()
+        write_all(storage.chain, blocks)
+        storage.pending.put(entry_ops(50_000, 10))
+        assert storage.has_unsynced_writes()
+        storage.sync()
+        assert not storage.has_unsynced_writes()
+        storage.sync()  # nothing new: returns at once
+        storage.meta.set_int("k", 1)
+        assert storage.has_unsynced_writes()
+        storage.sync()
+        assert not storage.has_unsynced_writes()
+    with LevelDbStorage(tmp_path / "db") as reopened:
+        assert [b.hash for b in reopened.chain.blocks_from(0)] == [b.hash for b in blocks]
+        assert reopened.pending.count() == 10 and reopened.meta.get_int("k") == 1
+        assert not reopened.has_unsynced_writes()  # sync_writes=True: durable when written
+
+
+def test_encoded_blocks_are_the_stored_bytes(backend):
+    blocks = make_chain(4, 3)
+    write_all(backend.chain, blocks)
+    encoded = list(backend.chain.encoded_blocks_from(blocks[1].offset))
+    assert [offset for offset, _ in encoded] == [b.offset for b in blocks[1:]]
+    assert [data for _, data in encoded] == [b.encode() for b in blocks[1:]]

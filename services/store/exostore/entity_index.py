@@ -68,9 +68,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
-from exochain.model import BlockHeaderView, InvalidOperation, OperationKind, SignedOp
+from exochain.model import BlockHeaderView
 from exocommon.config import EntityIndexSettings
 from exocommon.errors import ExocoreError
 from exocommon.sealed import SealedPayloadError, open_sealed
@@ -133,14 +134,23 @@ IndexEvent = BlockEvent | PendingEvent | CaughtUpEvent | TruncatedEvent
 
 
 def _entry_of(signed: chain_pb2.SignedOperation) -> ChainEntry | None:
+    """The entry of a chain operation; None for other kinds. The chain node checked the operation (hash,
+    signature, structure) before storing it: this only parses what the store needs (no hashing, no
+    copies: a `SignedOp` costs several times more, per operation of every batch)."""
     try:
-        op = SignedOp.from_proto(signed)
-    except InvalidOperation as exc:
+        operation = chain_pb2.Operation.FromString(signed.operation_bytes)
+    except DecodeError as exc:
         log.warning("skipping an operation that does not parse: %s", exc)
         return None
-    if op.kind is not OperationKind.ENTRY:
+    kind = operation.WhichOneof("kind")
+    if kind != "entry":
+        if kind is None or operation.operation_id == 0:
+            log.warning("skipping an operation without kind or id (%d)", operation.operation_id)
         return None
-    return ChainEntry(op.operation_id, op.entry_data)
+    if operation.operation_id == 0 or not operation.node_id:
+        log.warning("skipping an entry operation without id or node id")
+        return None
+    return ChainEntry(operation.operation_id, operation.entry.data)
 
 
 def events_from_proto(events: Iterable[chain_pb2.ChainEvent]) -> list[IndexEvent]:
@@ -156,6 +166,11 @@ def events_from_proto(events: Iterable[chain_pb2.ChainEvent]) -> list[IndexEvent
             entry = _entry_of(event.pending.operation)
             if entry is not None:
                 out.append(PendingEvent(entry))
+        elif kind == "pending_batch":
+            for signed in event.pending_batch.operations:
+                entry = _entry_of(signed)
+                if entry is not None:
+                    out.append(PendingEvent(entry))
         elif kind == "caught_up":
             out.append(CaughtUpEvent(event.caught_up.last_block_offset, event.caught_up.last_pending_operation_id))
         elif kind == "truncated":
@@ -170,6 +185,7 @@ class IndexChange:
     operation_id: int
     entity_id: str
     trait_type: str | None  # the put trait's type; None for tombstones and deletions
+    message: any_pb2.Any | None = field(default=None, compare=False, repr=False)  # the put trait's message
 
 
 @dataclass(slots=True)
@@ -193,10 +209,10 @@ class IndexUpdate:
 
 
 def change_of(operation_id: int, mutation: mutation_pb2.EntityMutation) -> IndexChange:
-    trait_type = None
     if mutation.WhichOneof("mutation") == "put_trait":
-        trait_type = type_name_from_url(mutation.put_trait.trait.message.type_url) or None
-    return IndexChange(operation_id, mutation.entity_id, trait_type)
+        message = mutation.put_trait.trait.message
+        return IndexChange(operation_id, mutation.entity_id, type_name_from_url(message.type_url) or None, message)
+    return IndexChange(operation_id, mutation.entity_id, None)
 
 
 @dataclass(slots=True)
@@ -211,8 +227,8 @@ class _IndexRef:
     def __init__(self, get: Callable[[], MutationIndex]) -> None:
         self._get = get
 
-    def search(self, query: query_pb2.EntityQuery, count: int, offset: int) -> object:
-        return self._get().search(query, count, offset)
+    def search(self, query: query_pb2.EntityQuery, count: int, offset: int, *, with_total: bool = True) -> object:
+        return self._get().search(query, count, offset, with_total=with_total)
 
     def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]:
         return self._get().fetch_entity_mutations(entity_id)
@@ -392,9 +408,12 @@ class EntityIndex:
         self.replays += 1
         indexed = self.progress.chain_indexed
         if indexed is None:
-            return chain_pb2.SubscribeRequest(has_from_block_offset=False, from_pending_operation_id=0)
+            return chain_pb2.SubscribeRequest(
+                has_from_block_offset=False, from_pending_operation_id=0, pending_batches=True
+            )
         return chain_pb2.SubscribeRequest(
-            has_from_block_offset=True, from_block_offset=indexed.offset, from_pending_operation_id=0
+            has_from_block_offset=True, from_block_offset=indexed.offset, from_pending_operation_id=0,
+            pending_batches=True,
         )
 
     def _finish_replay(self, event: CaughtUpEvent) -> IndexUpdate:

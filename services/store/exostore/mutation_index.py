@@ -15,7 +15,11 @@ Tantivy breaks ties by segment and document address, not by operation id. So tha
 exact: for a fast-field ordering, when the page boundary cuts a run of equal values, the run is re-fetched
 ordered by operation id (`_resolve_boundary_ties`); for a score ordering, more hits are fetched until the run
 of scores equal to the boundary's is complete (up to `TIE_EXPANSION_CAP` hits: a constant-score query over
-many documents costs O(matches) under a score ordering).
+many documents costs O(matches) under a score ordering). The rows such a fetch sorted (all of them when
+the query's matches were all fetched, else those scoring above the last hit) are kept for the next pages
+of the same compiled query while the searcher stays the same (`SCORE_ROWS_CACHE_SIZE` queries): fuzzy
+matches all score 1.0, so a rare word's page boundary usually cuts a run of thousands of them. Only the
+first page of a search counts its matches (`with_total`): counting disables tantivy's block skipping.
 """
 
 from __future__ import annotations
@@ -79,8 +83,10 @@ RECENCY_OFFSET_DAYS = 15
 RECENCY_DECAY = 0.2
 RECENCY_SCALE_DAYS = 365
 ENTITY_MUTATIONS_LIMIT = 10_000
+ENTITY_MUTATIONS_FIRST = 64
 REFRESH_INTERVAL = 1.0  # seconds between searcher reloads picking up background merges
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
+SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
 
 
 def recency_boost(now_ns: int, date_ns: int) -> float:
@@ -157,6 +163,9 @@ class MutationIndex:
         self._cache_lock = threading.Lock()
         self._generation = 0
         self._entity_cache: OrderedDict[str, list[MutationMetadata]] = OrderedDict()
+        # id(compiled query) -> (searcher, compiled query, sorted rows, complete, total): the rows fetched by
+        # a score-ordered search, valid while that searcher is the current one (see `_search_by_score`)
+        self._score_rows: OrderedDict[int, tuple] = OrderedDict()  # type: ignore[type-arg]
         self._entity_cache_size = entity_cache_size
         self._meta_cache: dict[int, _Meta] = {}
         self._meta_cache_size = metadata_cache_size
@@ -172,6 +181,7 @@ class MutationIndex:
             self._index.reload()
             self._searcher = self._index.searcher()
             self._last_reload = time.monotonic()
+            self._score_rows.clear()
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -221,6 +231,7 @@ class MutationIndex:
                 self._searcher = self._index.searcher()
                 self._last_reload = time.monotonic()
                 self._generation += 1
+                self._score_rows.clear()
                 for entity_id in touched:
                     self._entity_cache.pop(entity_id, None)
                 for operation_id in removed_ops:
@@ -274,19 +285,20 @@ class MutationIndex:
             mapping = self.schema.mapping(type_name)
             message = self.registry.unpack_trait(trait.message) if mapping is not None and mapping.fields else None
             if message is not None and mapping is not None:
+                add_text, text_kind, string_kind = doc.add_text, ValueKind.TEXT, ValueKind.STRING
                 for mapped, value in mapping.values(message):
                     kind = mapped.value_kind
-                    if kind is ValueKind.TEXT:
-                        doc.add_text(mapped.name, value)  # type: ignore[arg-type]
-                        doc.add_text(F_ALL_TEXT, value)  # type: ignore[arg-type]
-                    elif kind is ValueKind.STRING:
-                        doc.add_text(mapped.name, value)  # type: ignore[arg-type]
+                    if kind is text_kind:
+                        add_text(mapped.name, value)  # type: ignore[arg-type]
+                        add_text(F_ALL_TEXT, value)  # type: ignore[arg-type]
+                    elif kind is string_kind:
+                        add_text(mapped.name, value)  # type: ignore[arg-type]
                     elif kind is ValueKind.REFERENCE:
                         text = reference_text(*value)  # type: ignore[misc]
-                        doc.add_text(mapped.name, text)
-                        doc.add_text(F_ALL_REFS, text)
+                        add_text(mapped.name, text)
+                        add_text(F_ALL_REFS, text)
                         has_reference = 1
-                    elif mapped.kind.is_signed:
+                    elif mapped.signed:
                         doc.add_integer(mapped.name, value)  # type: ignore[arg-type]
                     else:
                         doc.add_unsigned(mapped.name, value)  # type: ignore[arg-type]
@@ -305,9 +317,19 @@ class MutationIndex:
         return self.compiler.compile(query)
 
     def search(
-        self, query: query_pb2.EntityQuery, count: int, offset: int = 0, compiled: CompiledQuery | None = None
+        self,
+        query: query_pb2.EntityQuery,
+        count: int,
+        offset: int = 0,
+        compiled: CompiledQuery | None = None,
+        *,
+        with_total: bool = True,
     ) -> MutationResults:
-        """Matching documents `offset .. offset+count` in the query's ordering (see the module doc)."""
+        """Matching documents `offset .. offset+count` in the query's ordering (see the module doc).
+
+        `with_total=False`: `total` may be left uncomputed (-1): counting every match keeps tantivy from
+        skipping the blocks that cannot reach the top of a score ordering, so callers reading further
+        pages of a query they already counted pass it."""
         compiled = compiled or self.compiler.compile(query)
         if time.monotonic() - self._last_reload > REFRESH_INTERVAL:
             self.refresh()
@@ -316,9 +338,9 @@ class MutationIndex:
         window = offset + count
         field = compiled.sort_field
         if field is None:
-            rows, total = self._search_by_score(searcher, compiled, offset, window)
+            rows, total = self._search_by_score(searcher, compiled, offset, window, with_total)
         else:
-            rows, total = self._search_by_field(searcher, compiled, field, offset, window)
+            rows, total = self._search_by_field(searcher, compiled, field, offset, window, with_total)
         kind = compiled.sort_kind
         cache = self._meta_cache
         mutations = []
@@ -329,43 +351,104 @@ class MutationIndex:
         return MutationResults(mutations, total)
 
     def _search_by_score(
-        self, searcher: tantivy.Searcher, compiled: CompiledQuery, offset: int, window: int
+        self, searcher: tantivy.Searcher, compiled: CompiledQuery, offset: int, window: int, with_total: bool = True
     ) -> tuple[list[tuple[float, int, tantivy.DocAddress]], int]:
         """Rows `offset..window` (score, operation id, address) ordered by score then operation id."""
         query = compiled.query
         if compiled.ascending:  # worst first: every match is needed
             total = searcher.search(query, 1, count=True).count
             hits = searcher.search(query, max(1, total), count=False).hits
-        else:
-            # tantivy breaks score ties by document address: fetch more until the run of scores equal to the
-            # page boundary's is complete, so that ties are ordered by operation id (exact paging by offset)
-            limit = window + 1  # one more than needed: tells whether the boundary's run goes on
-            while True:
-                result = searcher.search(query, limit, count=True)
-                hits, total = result.hits, result.count
-                if window == 0 or len(hits) < limit or len(hits) >= total or limit >= TIE_EXPANSION_CAP:
-                    break
-                if hits[-1][0] != hits[window - 1][0]:
-                    break
-                limit = min(total, max(limit * 4, window + 1000), TIE_EXPANSION_CAP)
-        if not hits or offset >= len(hits):
+            if not hits or offset >= len(hits):
+                return [], total
+            addrs = [addr for _, addr in hits]
+            op_ids = searcher.fast_field_values(F_OPERATION_ID, addrs)
+            keys = [(score, op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
+            keys.sort()
+            return [(hits[i][0], op_ids[i], addrs[i]) for _, _, i in keys[offset:window]], total
+
+        cached = self._cached_score_rows(searcher, compiled, window)
+        if cached is not None:
+            rows, total = cached
+            if with_total and total < 0:
+                total = searcher.search(query, 1, count=True).count
+            return rows[offset:window], total
+        # tantivy breaks score ties by document address: fetch more until the run of scores equal to the
+        # page boundary's is complete, so that ties are ordered by operation id (exact paging by offset).
+        # Without a count, tantivy's top-k skips blocks whose best score cannot make the page.
+        limit = window + 1  # one more than needed: tells whether the boundary's run goes on
+        total = -1
+        while True:
+            counting = with_total and total < 0
+            result = searcher.search(query, limit, count=counting)
+            hits = result.hits
+            if counting:
+                total = result.count
+            complete = len(hits) < limit or (total >= 0 and len(hits) >= total)
+            if window == 0 or complete:
+                break
+            if limit >= TIE_EXPANSION_CAP or hits[-1][0] != hits[window - 1][0]:
+                break
+            limit = max(limit * 4, window + 1000)
+            limit = min(limit, total, TIE_EXPANSION_CAP) if total >= 0 else min(limit, TIE_EXPANSION_CAP)
+        if not hits:
             return [], total
         addrs = [addr for _, addr in hits]
         op_ids = searcher.fast_field_values(F_OPERATION_ID, addrs)
-        if compiled.ascending:
-            keys = [(score, op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
-        else:
-            keys = [(-score, -op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
+        keys = [(-score, -op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
         keys.sort()
-        return [(hits[i][0], op_ids[i], addrs[i]) for _, _, i in keys[offset:window]], total
+        rows = [(hits[i][0], op_ids[i], addrs[i]) for _, _, i in keys]
+        if complete:
+            self._cache_score_rows(searcher, compiled, rows, True, total)
+        elif len(hits) > window + 1 and limit < TIE_EXPANSION_CAP:
+            # a tie run was fetched whole: every row scoring above the last hit is exact, keep them for the
+            # next pages of this query (paging through a long run of equal scores costs one fetch)
+            last = hits[-1][0]
+            exact = sum(1 for row in rows if row[0] > last)
+            self._cache_score_rows(searcher, compiled, rows[:exact], False, total)
+        return rows[offset:window], total
+
+    def _cached_score_rows(
+        self, searcher: tantivy.Searcher, compiled: CompiledQuery, window: int
+    ) -> tuple[list[tuple[float, int, tantivy.DocAddress]], int] | None:
+        with self._cache_lock:
+            entry = self._score_rows.get(id(compiled))
+        if entry is None or entry[0] is not searcher or entry[1] is not compiled:
+            return None
+        _, _, rows, complete, total = entry
+        if not complete and window > len(rows):
+            return None
+        return rows, total
+
+    def _cache_score_rows(
+        self,
+        searcher: tantivy.Searcher,
+        compiled: CompiledQuery,
+        rows: list[tuple[float, int, tantivy.DocAddress]],
+        complete: bool,
+        total: int,
+    ) -> None:
+        if not complete and not rows:
+            return
+        with self._cache_lock:
+            cache = self._score_rows
+            cache[id(compiled)] = (searcher, compiled, rows, complete, total)
+            cache.move_to_end(id(compiled))
+            while len(cache) > SCORE_ROWS_CACHE_SIZE:
+                cache.popitem(last=False)
 
     def _search_by_field(
-        self, searcher: tantivy.Searcher, compiled: CompiledQuery, field: str, offset: int, window: int
+        self,
+        searcher: tantivy.Searcher,
+        compiled: CompiledQuery,
+        field: str,
+        offset: int,
+        window: int,
+        with_total: bool = True,
     ) -> tuple[list[tuple[int, int, tantivy.DocAddress]], int]:
         """Rows `offset..window` (field value, operation id, address) ordered by value then operation id."""
         order = tantivy.Order.Asc if compiled.ascending else tantivy.Order.Desc
-        result = searcher.search(compiled.query, max(1, window), count=True, order_by_field=field, order=order)
-        total = result.count
+        result = searcher.search(compiled.query, max(1, window), count=with_total, order_by_field=field, order=order)
+        total = result.count if with_total else -1
         hits = result.hits
         if not hits or offset >= len(hits):
             return [], total
@@ -373,7 +456,7 @@ class MutationIndex:
             return [(v, v, addr) for v, addr in hits[offset:window]], total
         op_ids = searcher.fast_field_values(F_OPERATION_ID, [addr for _, addr in hits])
         raw = list(zip((v for v, _ in hits), op_ids, (addr for _, addr in hits), strict=True))
-        if len(hits) >= window and total > len(hits):
+        if len(hits) >= window and (total < 0 or total > len(hits)):
             raw = self._resolve_boundary_ties(searcher, compiled, field, order, raw)
         # documents without the field come last in both directions, as tantivy orders them
         if compiled.ascending:
@@ -435,9 +518,14 @@ class MutationIndex:
             generation = self._generation
             searcher = self._searcher
         query = tantivy.Query.term_query(self.schema.tantivy_schema, F_ENTITY_ID, entity_id)
+        # Most entities have a few documents: a small top-k first (tantivy sizes its buffers by the limit).
         hits = searcher.search(
-            query, ENTITY_MUTATIONS_LIMIT, count=False, order_by_field=F_OPERATION_ID, order=tantivy.Order.Asc
+            query, ENTITY_MUTATIONS_FIRST, count=False, order_by_field=F_OPERATION_ID, order=tantivy.Order.Asc
         ).hits
+        if len(hits) >= ENTITY_MUTATIONS_FIRST:
+            hits = searcher.search(
+                query, ENTITY_MUTATIONS_LIMIT, count=False, order_by_field=F_OPERATION_ID, order=tantivy.Order.Asc
+            ).hits
         mutations: list[MutationMetadata] = []
         last = -1
         for value, addr in hits:

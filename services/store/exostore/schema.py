@@ -127,6 +127,10 @@ class MappedField:
     value_kind: ValueKind
     descriptors: tuple[FieldDescriptor, ...]  # top-level field first, leaf last
     has_presence: bool = False
+    signed: bool = False  # `kind.is_signed`, precomputed (read for every indexed value)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signed", self.kind.is_signed)
 
     @property
     def attrs(self) -> tuple[str, ...]:

@@ -31,7 +31,10 @@ Differences from the original, on purpose:
   default), so an empty page is never reported as skipped;
 * traits are ordered by trait id (the original's order was a hash map's, SPEC 11 item 9);
 * the iteration cap per index (`max_pages` × `page_size`, default 5 × 1000 as the original) is a
-  constructor parameter; ``max_pages=None`` removes it;
+  constructor parameter; ``max_pages=None`` removes it. Within it, each index is read lazily: a first
+  page of ``max(16, 2 × count)`` mutations, then pages growing 4 times up to `page_size`, and score
+  streams are re-ranked by their boosts lazily too (`_score_matches`): a page of 10 usually reads a few
+  dozen mutations per index instead of 5,000 (same results: paging by offset is exact);
 * with recency boosting the cap selects each index's best mutations by raw score (the original capped
   after boosting);
 * entities flagged for GC are reported to the `gc_flagger` callback once per search; an entity whose
@@ -65,6 +68,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE_COUNT = 10
 ITERATOR_PAGE_SIZE = 1000
 ITERATOR_MAX_PAGES = 5
+FIRST_PAGE_MIN = 16  # mutations asked from each index first (at least twice the entity page)
+PAGE_GROWTH = 4  # each further page is this many times larger, up to ITERATOR_PAGE_SIZE
 PENDING_INDEX_BOOST = 5.0
 REFERENCE_PENALTY = 0.3
 RECENCY_OFFSET_DAYS = 15.0
@@ -90,10 +95,15 @@ class MutationSource(Protocol):
     the sorted field; `SortKind.INT` for signed fields). `sort_value.operation_id` is the document's
     operation id. Query errors are raised (e.g. `InvalidArgument`).
 
+    `with_total=False` (further pages of a query already counted) lets the source skip counting:
+    `total` is then unspecified.
+
     `fetch_entity_mutations` returns every document of that entity in this index (any order).
     """
 
-    def search(self, query: query_pb2.EntityQuery, count: int, offset: int) -> MutationResults: ...
+    def search(
+        self, query: query_pb2.EntityQuery, count: int, offset: int, *, with_total: bool = True
+    ) -> MutationResults: ...
 
     def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]: ...
 
@@ -198,6 +208,16 @@ def to_f32(value: float) -> float:
         return float(struct.unpack("<f", struct.pack("<f", value))[0])
     except OverflowError:
         return math.copysign(math.inf, value)
+
+
+def _f32_below(value: float) -> float:
+    """The largest score below `value` (> 0): the next 32-bit float down when `value` is one (tantivy's
+    scores are), else the next double down."""
+    packed = struct.pack("<f", value)
+    if struct.unpack("<f", packed)[0] != value:
+        return math.nextafter(value, -math.inf)
+    (bits,) = struct.unpack("<I", packed)
+    return float(struct.unpack("<f", struct.pack("<I", bits - 1))[0])
 
 
 def recency_boost(now_ns: int, date_ns: int) -> float:
@@ -438,11 +458,13 @@ class EntitySearcher:
         index_query.ordering.CopyFrom(ordering)
 
         now_ns = self._now_ns()
+        wanted = page.count
         chain_total, chain_stream = self._stream(
-            self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns
+            self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns, wanted
         )
         pending_total, pending_stream = self._stream(
-            self._pending, index_query, query_pb2.PENDING, is_score, ascending, recency, self._pending_boost, now_ns
+            self._pending, index_query, query_pb2.PENDING, is_score, ascending, recency, self._pending_boost,
+            now_ns, wanted,
         )
         merged = heapq.merge(
             ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 0, m) for m in chain_stream),
@@ -527,24 +549,34 @@ class EntitySearcher:
         """Sort key, smaller = ranked first."""
         return (value, operation_id) if ascending else (-value, -operation_id)
 
-    def _pages(self, source: MutationSource, query: query_pb2.EntityQuery) -> tuple[int, Iterator[MutationMetadata]]:
-        first = source.search(query, self._page_size, 0)
+    def _pages(
+        self, source: MutationSource, query: query_pb2.EntityQuery, wanted: int
+    ) -> tuple[int, Iterator[MutationMetadata]]:
+        """The source's matching mutations in order, read lazily: a first page sized for `wanted` entities,
+        then pages growing `PAGE_GROWTH` times up to `page_size`; at most `max_pages × page_size` in all
+        (the same mutations as reading pages of `page_size`: paging by offset is exact)."""
+        cap = None if self._max_pages is None else self._max_pages * self._page_size
+        size = min(self._page_size, max(FIRST_PAGE_MIN, 2 * wanted))
+        if cap is not None:
+            size = min(size, cap)
+        first = source.search(query, size, 0)
+        total = first.total
 
         def iterate() -> Iterator[MutationMetadata]:
-            page = first
-            offset = 0
-            pages = 1
+            page, offset, asked = first, 0, size
             while True:
                 yield from page.mutations
                 offset += len(page.mutations)
-                if len(page.mutations) < self._page_size or offset >= page.total:
+                if len(page.mutations) < asked or offset >= total:
                     return
-                if self._max_pages is not None and pages >= self._max_pages:
+                if cap is not None and offset >= cap:
                     return
-                page = source.search(query, self._page_size, offset)
-                pages += 1
+                asked = min(self._page_size, asked * PAGE_GROWTH)
+                if cap is not None:
+                    asked = min(asked, cap - offset)
+                page = source.search(query, asked, offset, with_total=False)
 
-        return first.total, iterate()
+        return total, iterate()
 
     def _stream(
         self,
@@ -556,23 +588,79 @@ class EntitySearcher:
         recency: bool,
         index_boost: float,
         now_ns: int,
+        wanted: int,
     ) -> tuple[int, Iterator[_Match]]:
-        total, mutations = self._pages(source, query)
+        total, mutations = self._pages(source, query, wanted)
         if not is_score:
             return total, (self._uint_match(m, source_kind) for m in mutations)
+        return total, self._score_matches(mutations, source_kind, ascending, recency, index_boost, now_ns)
 
-        matches = []
-        for m in mutations:
+    def _score_matches(
+        self,
+        mutations: Iterator[MutationMetadata],
+        source_kind: query_pb2.EntityResultSource.ValueType,
+        ascending: bool,
+        recency: bool,
+        index_boost: float,
+        now_ns: int,
+    ) -> Iterator[_Match]:
+        """The boosted matches of one index in boosted order (ties by operation id).
+
+        Boosts change the order, so the (capped) stream of the index is re-ranked. Descending, that is
+        done lazily: the source yields raw scores in decreasing order, and a boosted value is at most
+        ``raw × 1.0 × index_boost`` (recency <= 1; float rounding is monotonic), so a read match is final
+        once its boosted value is above that bound for the last raw score read: the stream is consumed
+        only as far as the page needs, and yields exactly what sorting the whole stream would."""
+
+        def boosted(m: MutationMetadata) -> _Match:
             score = float(m.sort_value.value)
             if recency:
                 date = m.operation_id
                 if isinstance(m.mutation_type, TraitPutMeta) and m.mutation_type.modification_date:
                     date = m.mutation_type.modification_date
                 score = score * recency_boost(now_ns, date) * index_boost
-            matches.append(_Match(m, source_kind, "float", to_f32(score)))
-        # boosts change the order: re-rank the whole (capped) stream of this index
-        matches.sort(key=lambda x: self._rank_key(x.value, x.mutation.sort_value.operation_id, ascending))
-        return total, iter(matches)
+            return _Match(m, source_kind, "float", to_f32(score))
+
+        def rank(match: _Match) -> tuple[float | int, int]:
+            return self._rank_key(match.value, match.mutation.sort_value.operation_id, ascending)
+
+        if ascending:  # worst first: no bound on what is left, the whole stream is needed
+            matches = [boosted(m) for m in mutations]
+            matches.sort(key=rank)
+            yield from matches
+            return
+        heap: list[tuple[tuple[float | int, int], int, _Match]] = []
+        seq = itertools.count()
+        max_boost = index_boost if recency else 1.0
+        last_raw: float | None = None
+        bound = below = 0.0
+        for m in mutations:
+            raw = float(m.sort_value.value)
+            match = boosted(m)
+            if not raw >= 0.0:  # negative or NaN: no bound, sort everything left
+                rest = [match, *(boosted(x) for x in mutations)]
+                rest.extend(entry[2] for entry in heap)
+                rest.sort(key=rank)
+                yield from rest
+                return
+            heapq.heappush(heap, (rank(match), next(seq), match))
+            if raw != last_raw:
+                last_raw = raw
+                bound = to_f32(raw * max_boost)
+                # what a lower raw score (the next 32-bit float down, at most) can reach once boosted
+                below = to_f32(_f32_below(raw) * max_boost) if raw > 0.0 else -math.inf
+            last_op = m.operation_id
+            # Final: above anything unread; or equal to the best unread value when that can only come from
+            # the same raw score (`below` < `bound`), whose unread matches have lower operation ids.
+            while heap:
+                (negated, negated_op), _, top = heap[0]
+                value = -negated
+                if value > bound or (value == bound and below < bound and -negated_op >= last_op):
+                    yield heapq.heappop(heap)[2]
+                else:
+                    break
+        while heap:
+            yield heapq.heappop(heap)[2]
 
     @staticmethod
     def _uint_match(mutation: MutationMetadata, source_kind: query_pb2.EntityResultSource.ValueType) -> _Match:

@@ -72,7 +72,7 @@ class StoreService:
         self.gc = gc
         self.index_timeout_s = index_timeout_s
         self.tracker = OperationTracker()
-        self.watches = WatchRegistry(self._search, registry, query_parallelism)
+        self.watches = WatchRegistry(self._search, registry, query_parallelism, mapping_of=index.schema.mapping)
 
     # -- index updates (from the tailer, on the event loop) ---------------------------------------
 

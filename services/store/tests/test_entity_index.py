@@ -82,9 +82,7 @@ class Store:
         self.settings = settings
         self.clock = [1000.0]
         self.payloads = PayloadStore(root / "payloads")
-        self.index = EntityIndex(
-            root, TraitRegistry(), settings, self.payloads, key, monotonic=lambda: self.clock[0]
-        )
+        self.index = EntityIndex(root, TraitRegistry(), settings, self.payloads, key, monotonic=lambda: self.clock[0])
 
     def close(self) -> None:
         self.index.close()
@@ -206,12 +204,14 @@ def test_a_pending_operation_then_its_block_is_indexed_once(store):
 def test_undecodable_entries_are_logged_and_skipped(store, caplog):
     caplog.set_level(logging.WARNING)
     start(store, GENESIS, caught_up(1))
-    update = store.index.apply_events([
-        pending(entry(1, put("e1", "t", "wrong key"), key=OTHER_KEY)),
-        pending(ChainEntry(op(2), seal(KEY, b"\xff\xff not a protobuf"))),
-        pending(ChainEntry(op(3), b"\x01garbage")),
-        pending(entry(4, put("e4", "t", "fine"))),
-    ])
+    update = store.index.apply_events(
+        [
+            pending(entry(1, put("e1", "t", "wrong key"), key=OTHER_KEY)),
+            pending(ChainEntry(op(2), seal(KEY, b"\xff\xff not a protobuf"))),
+            pending(ChainEntry(op(3), b"\x01garbage")),
+            pending(entry(4, put("e4", "t", "fine"))),
+        ]
+    )
     assert update.indexed == [op(4)]
     assert store.entities() == [("e4", ["fine"])]
     text = caplog.text
@@ -349,12 +349,14 @@ def test_a_restart_resumes_from_the_chain_indexed_block_without_decrypting_again
     assert s.entities() == [("e2", ["two"]), ("e3", ["three"]), ("e4", ["four"])]
     request = s.index.start_replay()
     assert request.has_from_block_offset and request.from_block_offset == indexed.offset
-    s.index.apply_events([
-        block(5, entry(5, put("e2", "t", "two again"))),
-        block(6, entry(6, put("e6", "t", "six"))),
-        pending(entry(7, put("e7", "t", "seven"))),
-        caught_up(6, op(7)),
-    ])
+    s.index.apply_events(
+        [
+            block(5, entry(5, put("e2", "t", "two again"))),
+            block(6, entry(6, put("e6", "t", "six"))),
+            pending(entry(7, put("e7", "t", "seven"))),
+            caught_up(6, op(7)),
+        ]
+    )
     assert s.entities() == before
     assert s.index.progress.last_pending_operation_id == op(7)
     s.close()
@@ -415,12 +417,14 @@ def test_a_replay_builds_a_new_pending_index_while_the_old_one_answers(store):
     store.index.start_replay()  # e.g. after a StreamDiscontinuity
     store.index.apply_events([block(5, entry(5, put("e2", "t", "two again")))])
     assert store.entities() == before, "queries still see the complete old pending index"
-    update = store.index.apply_events([
-        block(6, entry(6, put("e6", "t", "six"))),
-        pending(entry(7, put("e7", "t", "seven"))),
-        pending(entry(8, put("e8", "t", "eight"))),
-        caught_up(6, op(8)),
-    ])
+    update = store.index.apply_events(
+        [
+            block(6, entry(6, put("e6", "t", "six"))),
+            pending(entry(7, put("e7", "t", "seven"))),
+            pending(entry(8, put("e8", "t", "eight"))),
+            caught_up(6, op(8)),
+        ]
+    )
     assert update.reset and op(8) in update.indexed
     assert store.entities() == sorted([*before, ("e8", ["eight"])])
 
@@ -459,3 +463,12 @@ def test_a_pending_event_for_a_chain_indexed_operation_is_ignored(tmp_path):
     assert update.indexed == [op(2)]
     assert s.pending_ops() == {op(2)}
     s.close()
+
+
+def test_pending_batches_are_asked_for_and_converted(store):
+    assert store.index.start_replay().pending_batches
+    node_key = Keypair.generate()
+    ops = sign_operations([new_entry_op(op(i), "node", f"sealed {i}".encode()) for i in (1, 2, 3)], node_key)
+    batch = chain_pb2.PendingOperations(operations=[o.to_proto() for o in ops] + [chain_pb2.SignedOperation()])
+    converted = events_from_proto([chain_pb2.ChainEvent(pending_batch=batch)])
+    assert converted == [PendingEvent(ChainEntry(op(i), f"sealed {i}".encode())) for i in (1, 2, 3)]

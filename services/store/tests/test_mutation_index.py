@@ -576,3 +576,26 @@ def test_failed_batch_is_rolled_back():
         index.apply([put(2, "e2", tm(string1="b")), "not an operation"])  # type: ignore[list-item]
     index.apply([put(3, "e3", tm(string1="c"))])
     assert ops(search(index, all=Q.AllPredicate())) == [3, 1]
+
+
+def test_pages_through_a_long_run_of_equal_scores_and_without_total():
+    index = new_index()
+    index.apply([put(op, f"e{op}", tm(string1="same words")) for op in range(1, 2501)])
+    match = Q.MatchPredicate(query="same")
+    pages = []
+    for offset in range(0, 2500, 300):
+        res = search(index, count=300, offset=offset, match=match)
+        pages.append(ops(res))
+    assert sum(pages, []) == list(range(2500, 0, -1))  # ties by op id descending across every page
+    again = index.search(Q.EntityQuery(match=match), 300, 600, with_total=False)
+    assert ops(again) == list(range(1900, 1600, -1)) and again.total in (-1, 2500)
+    assert index.search(Q.EntityQuery(match=match), 10, 0).total == 2500
+    # a write invalidates what was kept of the run
+    index.apply([put(3000, "e3000", tm(string1="same words"))])
+    assert ops(search(index, count=3, offset=0, match=match)) == [3000, 2500, 2499]
+
+
+def test_fetch_entity_mutations_of_an_entity_with_many_documents():
+    index = new_index()
+    index.apply([put(op, "busy", tm(), trait_id=f"t{op}") for op in range(1, 201)])
+    assert [m.operation_id for m in index.fetch_entity_mutations("busy")] == list(range(1, 201))

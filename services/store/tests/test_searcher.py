@@ -92,7 +92,9 @@ class FakeIndex:
             return SortValue(SortKind.UINT, (put.modification_date or 0) if put else 0, m.operation_id)
         raise AssertionError(f"ordering not resolved by the searcher: {ordering}")
 
-    def search(self, query: query_pb2.EntityQuery, count: int, offset: int) -> MutationResults:
+    def search(
+        self, query: query_pb2.EntityQuery, count: int, offset: int, *, with_total: bool = True
+    ) -> MutationResults:
         self.search_calls += 1
         assert not query.HasField("paging")
         ordering = query.ordering
@@ -661,3 +663,87 @@ def test_operation_in_both_indices_counts_once_and_comes_from_chain():
     assert res.entities[0].source == query_pb2.CHAIN
     assert res.entities[0].hash == crc64_of_u64s([op(1)])
     assert res.estimated_count == 2
+
+
+# --- lazy reading of the indices ------------------------------------------------------------------------------
+
+
+def _scored(i: int, score: float, modified: int | None) -> MutationMetadata:
+    return MutationMetadata(
+        op(i), None, f"e{i}", TraitPutMeta("t1", TYPE1, None, modified, False), SortValue(SortKind.SCORE, score, op(i))
+    )
+
+
+@pytest.mark.parametrize("f32_scores", [True, False])
+@pytest.mark.parametrize("recency", [True, False])
+def test_boosted_score_stream_is_the_sorted_stream_read_lazily(recency, f32_scores):
+    import random
+
+    rng = random.Random(3)
+    # raw scores in the order an index yields them (score desc, then op id desc), with runs of equal
+    # scores, and modification dates from today to 3 years ago (recency boosts from 1.0 to ~0.01)
+    raw = [(round(rng.uniform(0.5, 6.0), 1), i) for i in range(600)]
+    if f32_scores:  # tantivy's scores are 32-bit floats
+        raw = [(to_f32(score), i) for score, i in raw]
+    raw.sort(key=lambda x: (-x[0], -op(x[1])))
+    docs = [_scored(i, score, NOW - rng.randrange(0, 3 * 365) * DAY) for score, i in raw]
+    searcher = Store().searcher()
+    reads = 0
+
+    def source():
+        nonlocal reads
+        for doc in docs:
+            reads += 1
+            yield doc
+
+    stream = searcher._score_matches(source(), query_pb2.PENDING, False, recency, 5.0, NOW)
+    got = [m.mutation.operation_id for m in stream]
+    expected = [
+        m.mutation.operation_id
+        for m in sorted(
+            (searcher._score_matches(iter([d]), query_pb2.PENDING, False, recency, 5.0, NOW).__next__() for d in docs),
+            key=lambda m: (-m.value, -m.mutation.operation_id),
+        )
+    ]
+    assert got == expected
+
+    # with every boost equal, a match is final as soon as it is read, even inside a run of equal scores
+    # (the index yields a run by decreasing operation id)
+    flat = sorted(
+        (_scored(i, float(100 - i // 3), None) for i in range(300)),
+        key=lambda m: (-m.sort_value.value, -m.operation_id),
+    )
+    reads = 0
+    docs = flat
+    lazy = searcher._score_matches(source(), query_pb2.CHAIN, False, recency, 1.0, NOW)
+    first = [next(lazy).mutation.operation_id for _ in range(5)]
+    assert first == [op(2), op(1), op(0), op(5), op(4)] and reads == 5
+
+    # equal raw scores with boosts below 1: a match equal to the bound waits for the run to go on
+    tied = [_scored(i, 2.0, NOW - 400 * DAY if i == 9 else None) for i in range(9, -1, -1)]
+    expected = [
+        m.mutation.operation_id
+        for m in sorted(
+            (searcher._score_matches(iter([d]), query_pb2.PENDING, False, recency, 5.0, NOW).__next__() for d in tied),
+            key=lambda m: (-m.value, -m.mutation.operation_id),
+        )
+    ]
+    got = [
+        m.mutation.operation_id
+        for m in searcher._score_matches(iter(tied), query_pb2.PENDING, False, recency, 5.0, NOW)
+    ]
+    assert got == expected
+
+
+def test_score_queries_read_small_pages_first():
+    s = Store()
+    for i in range(3000):
+        s.put(f"e{i}", "t1", op(i), text="word", score=1.0 + (i % 1000), has_reference=True)
+    searcher = s.searcher()
+    res = searcher.search(match_query("word"))
+    assert len(res.entities) == 10 and res.estimated_count == 3000
+    assert s.chain.search_calls == 1, "the first page was enough"
+    # the same results as reading the whole capped stream in pages of 1000
+    eager = s.searcher(page_size=5000, max_pages=1).search(match_query("word", no_recency_boost=True))
+    lazy = searcher.search(match_query("word", no_recency_boost=True))
+    assert ids(lazy) == ids(eager)

@@ -25,6 +25,7 @@ from exostore.gc import GarbageCollector, GcConfig
 from exostore.mutations import MAX_MUTATION_BYTES, OperationTracker, prepare_mutations
 from exostore.payloads import BlockRef, PayloadStore
 from exostore.registry import TraitRegistry
+from exostore.schema import IndexSchema
 from exostore.service import StoreService
 from exostore.watches import EVERYTHING, Route, route_of
 
@@ -405,6 +406,74 @@ def test_routes_of_predicates():
         boolean=query_pb2.BooleanPredicate(queries=[sub(occur=occur.MUST_NOT, ids=query_pb2.IdsPredicate(ids=["b"]))])
     )
     assert route_of(only_not, registry) == EVERYTHING
+
+
+def field_query(folder: str, name: str = TYPE1, field: str = "string3") -> query_pb2.EntityQuery:
+    return query_pb2.EntityQuery(
+        trait=query_pb2.TraitPredicate(
+            trait_name=name,
+            query=query_pb2.TraitQuery(field=query_pb2.TraitFieldPredicate(field=field, string=folder)),
+        )
+    )
+
+
+def test_routes_of_exact_string_equalities_name_the_value():
+    registry = TraitRegistry()
+    mapping_of = IndexSchema(registry).mapping
+    assert route_of(field_query("f1"), registry, mapping_of) == Route(
+        field_values=frozenset({(TYPE1, "string3", "f1")})
+    )
+    assert route_of(field_query("f1"), registry) == Route(trait_types=frozenset({TYPE1})), "no mappings: by type"
+    # a text field (token match), a numeric field, a range, a score ordering: by type, as before
+    by_type = Route(trait_types=frozenset({TYPE1}))
+    assert route_of(field_query("f1", field="string1"), registry, mapping_of) == by_type
+    assert route_of(field_query("5", field="uint1"), registry, mapping_of) == by_type
+    ranged = field_query("f1")
+    ranged.trait.query.field.operator = query_pb2.TraitFieldPredicate.GT
+    assert route_of(ranged, registry, mapping_of) == by_type
+    scored = field_query("f1")
+    scored.ordering.score = True
+    assert route_of(scored, registry, mapping_of) == by_type
+
+
+async def test_a_write_reruns_only_the_watches_of_its_field_value(env):
+    service, _, _ = env
+    folders = [Reader(service.watch(field_query(f"folder{i}"))) for i in range(300)]
+    for reader in folders:
+        assert list((await reader.next()).entities) == []
+    executions = service.watches.executions
+
+    message = test_pb2.TestMessage(string1="note", string3="folder7")
+    await service.mutate(mutation_pb2.MutationRequest(mutations=[put(message=message)], wait_indexed=True))
+    update = await folders[7].next()
+    assert [r.entity.traits[0].message for r in update.entities] == [any_of(message)]
+    assert service.watches.executions == executions + 1, "only the folder7 watch ran"
+
+    # Moving the note to another folder: the old folder's watch sees it leave (its result held the
+    # entity), the new folder's watch sees it arrive; the 298 others stay idle.
+    entity = update.entities[0].entity
+    moved = test_pb2.TestMessage(string1="note", string3="folder9")
+    await service.mutate(
+        mutation_pb2.MutationRequest(mutations=[put(entity=entity.id, trait=entity.traits[0].id, message=moved)])
+    )
+    assert list((await folders[7].next()).entities) == []
+    assert [r.entity.id for r in (await folders[9].next()).entities] == [entity.id]
+    assert service.watches.executions == executions + 3
+    for reader in folders:
+        await reader.close()
+    assert service.watches.watches == {} and service.watches._by_field == {}
+
+
+async def test_deadline_error_names_at_most_ten_operation_ids(env):
+    service, chain, _ = env
+    chain.deliver = False
+    with pytest.raises(DeadlineExceeded) as raised:
+        await service.mutate(
+            mutation_pb2.MutationRequest(mutations=[put(f"lost {i}") for i in range(500)], wait_indexed=True)
+        )
+    message = str(raised.value)
+    assert "500 of them were not indexed" in message and "(500 in all)" in message
+    assert len(message) < 400, "a status message travels in an 8 KiB header"
 
 
 # --- garbage collection -------------------------------------------------------------------------------

@@ -11,12 +11,13 @@ exchanged: the manager only reads and writes the stores and returns what it crea
 
 One `tick(now_ns)` does, in this order:
 
-A. **Analyse** the pending store once (`pending_blocks`): every proposal with its votes, a status
-   (`PendingBlockStatus`) and, per entry, the proposals that hold it.
+A. **Analyse** the proposals (`pending_blocks`): every proposal with its votes, a status
+   (`PendingBlockStatus`) and, per entry, the proposals that hold it (`CommitIndex`, kept up to
+   date from the pending store's change journal rather than by rescanning the store).
 B. **Best next block**: among the `NEXT_POTENTIAL` proposals, the one I signed, else the one with
    the most valid signatures, else the oldest. If I have not voted on it yet, I sign it or refuse
    it (rules in `_vote`); if I have signed it and it has a quorum of valid chain-node signatures, I
-   commit it. At most one block is committed per tick (a lagging node catches up one per tick).
+   commit it. At most one block is committed per round (a lagging node catches up one per round).
 C. **Otherwise propose**, when I am a chain node, it is my turn (`commit_turn_node_id`) and either
    enough entries wait or the last block is older than the commit interval.
 D. **Clean up** what is buried `operations_cleanup_after_block_depth` blocks deep.
@@ -31,11 +32,23 @@ Rules that matter for safety:
 * A previous block missing or different locally means this node is behind or forked: the tick
   reports `out_of_sync` and the engine restarts chain synchronisation. It never writes in that case.
 
+Engine settings (constructor arguments; the defaults are the original's behaviour, which the
+scenario tests step through tick by tick):
+* `rounds_per_tick`: a tick runs rounds B-C while they make progress, so a commit is followed by the
+  next proposal at once (the engine also runs a tick right after every append and received message:
+  a commit takes a few message round trips, not a few ticks of each node);
+* `proposer_signs_last`: a proposer signs its own proposal only once another node did (see
+  `_on_next_block`), so that proposals made concurrently by two nodes (turns are time based) are
+  settled by the others' choice instead of splitting the votes until they expire;
+* `max_block_bytes`: a proposal takes the oldest waiting entries up to about this many encoded bytes.
+
 Beyond the original (each marked in the code):
 * a proposal a quorum already signed stays a potential next block after its timeout: the nodes that
   saw the quorum in time committed it, so the others must follow rather than stay a block behind
   (or forever behind if no further block comes);
 * a vote counts only if its signer is the author of the `block_sign` operation carrying it;
+* a proposal a quorum signed ranks first, and a node that signed a concurrent proposal for the same
+  offset commits it without signing it (its signers committed it already; see `_on_next_block`);
 * proposals a correct chain node cannot produce (other cell, header not naming its proposal,
   proposer without the chain role, unsorted operations, an operation id held here by another kind
   of operation) are refused instead of signed or waited on;
@@ -47,11 +60,13 @@ Time: `now_ns` is wall time in ns; operation ids are consistent timestamps (ns w
 counter in the sub-millisecond digits), so the age of a proposal is `now_ns` minus the millisecond
 part of its id, and the last block's `proposed_operation_id` is its timestamp (0 for the genesis).
 
-Cost per tick: one pass over the pending store, one header parse and one signature check per *new*
-proposal or vote (headers, the entry -> proposals index and signature verdicts are cached across
-ticks), chain index look-ups only for entries in no proposal and not known committed (to propose
-them or find dangling ones) and for the entries of a block being voted on, and at most one `put`,
-one `set_committed` and one `delete` call.
+Cost per tick: proportional to what changed, not to the pending store. The `CommitIndex` handles
+each operation that changed since the last tick (a chain index look-up for a new entry), and each
+block appended to the chain since; a proposal is parsed once and its analysis is reused until its
+votes or the chain change; signature verdicts are cached; a proposal waiting for some of its
+operations looks at those only. At most one `put`, one `set_committed` and one `delete` call per
+round. (The original rescanned the whole store every tick, and looked every waiting entry up in
+the chain: under load, thousands of operations many times a second.)
 """
 
 from __future__ import annotations
@@ -179,7 +194,12 @@ class PendingBlocks:
             potential.sort(key=lambda b: (not b.has_my_signature, -len(b.signatures), b.group_id))
         else:
             potential.sort(
-                key=lambda b: (not has_quorum(len(b.signatures)), not b.has_my_signature, -len(b.signatures), b.group_id)
+                key=lambda b: (
+                    not has_quorum(len(b.signatures)),
+                    not b.has_my_signature,
+                    -len(b.signatures),
+                    b.group_id,
+                )
             )
         return potential
 
@@ -247,6 +267,8 @@ class _ParsedProposal:
     operation_ids: tuple[int, ...]
     # (node id, signature bytes) -> whether it verifies for this header with that node's key.
     verdicts: dict[tuple[str, bytes], bool] = field(default_factory=dict)
+    # Why no correct chain node could have made it (the reason, or None), once looked at.
+    malformed: tuple[str | None] | None = None
 
 
 class CommitIndex:
@@ -300,15 +322,45 @@ class CommitIndex:
             self.rebuild()
             return
         self.version = version
-        if not changes:
+        operation_ids, group_ids = changes
+        if not operation_ids:
             return
-        seen: set[int] = set()
-        changed_groups = self.changed_groups
-        for operation_id, group_id in changes:
-            changed_groups.add(group_id)
-            if operation_id not in seen:
-                seen.add(operation_id)
-                self._update(operation_id)
+        self.changed_groups.update(group_ids)
+        # For each changed id: forget what was derived from it, derive again from its current state
+        # (inlined: this loop sees every operation several times, when put, committed and deleted).
+        get = self._pending.get
+        entry_ids, uncommitted, waiting = self.entry_ids, self.uncommitted, self.waiting
+        heights, by_height, parsed = self.heights, self.by_height, self.parsed
+        for operation_id in dict.fromkeys(operation_ids):  # once each, in order
+            entry = get(operation_id)
+            if operation_id in entry_ids:  # was an entry: forget what was derived from it
+                entry_ids.discard(operation_id)
+                uncommitted.discard(operation_id)
+                waiting.discard(operation_id)
+                height = heights.pop(operation_id, None)
+                if height is not None:
+                    bucket = by_height[height]
+                    bucket.discard(operation_id)
+                    if not bucket:
+                        del by_height[height]
+            known = parsed.get(operation_id)
+            if known is not None and (entry is None or entry.op.hash != known.proposal_hash):
+                self.proposals.pop(operation_id, None)
+                self._forget(operation_id)
+            if entry is None:
+                continue
+            committed = entry.committed
+            if committed is not None and entry.op.operation.WhichOneof("kind") == "entry":
+                entry_ids.add(operation_id)
+                height = committed.block_height
+                heights[operation_id] = height
+                bucket = by_height.get(height)
+                if bucket is None:
+                    by_height[height] = {operation_id}
+                else:
+                    bucket.add(operation_id)
+            else:
+                self._add(entry)
 
     def rebuild(self) -> None:
         """Derives everything again from a full scan of the pending store."""
@@ -352,22 +404,13 @@ class CommitIndex:
             if self.uncommitted:
                 for operation_id in header.operation_ids:
                     if operation_id in self.uncommitted:
-                        self._drop(operation_id)
+                        self.uncommitted.discard(operation_id)
+                        self.waiting.discard(operation_id)
                         self._set_height(operation_id, header.height)
             if header.offset >= last.offset:
                 break
         self._chain_seen = (last.offset, last.hash, last.next_offset)
         return True
-
-    def _update(self, operation_id: int) -> None:
-        entry = self._pending.get(operation_id)
-        self._drop(operation_id)
-        parsed = self.parsed.get(operation_id)
-        if parsed is not None and (entry is None or entry.op.hash != parsed.proposal_hash):
-            self.proposals.pop(operation_id, None)
-            self._forget(operation_id)
-        if entry is not None:
-            self._add(entry)
 
     def _add(self, entry: PendingEntry) -> None:
         operation = entry.op.operation
@@ -500,10 +543,12 @@ class CommitManager:
         new_operation_id: Callable[[], int],
         max_block_bytes: int = ChainSyncConfig().blocks_max_send_size,
         rounds_per_tick: int = 1,
+        proposer_signs_last: bool = False,
     ) -> None:
         """`max_block_bytes`: proposals of this node stop adding operations beyond about this many
         encoded bytes (one operation at least), so that any block fits in one chain sync answer.
-        `rounds_per_tick`: see `tick` (the engine uses `ENGINE_ROUNDS_PER_TICK`)."""
+        `rounds_per_tick`: see `tick` (the engine uses `ENGINE_ROUNDS_PER_TICK`).
+        `proposer_signs_last`: see `_on_next_block` (the engine sets it)."""
         assert rounds_per_tick >= 1, "a tick runs one round at least"
         assert config.commit_maximum_interval_ns > 0, "commit interval must be positive"
         assert config.operations_cleanup_after_block_depth > 0, "cleanup depth must be positive"
@@ -516,20 +561,24 @@ class CommitManager:
         self._new_operation_id = new_operation_id
         self._max_block_bytes = max_block_bytes
         self._rounds_per_tick = rounds_per_tick
+        self._proposer_signs_last = proposer_signs_last
         # Derived from the pending store and kept up to date across ticks (see `CommitIndex`).
         self.index = CommitIndex(pending, chain)
         # Per proposal: the analysis of the last tick and what it depended on (chain state, expiry).
         self._analysed: dict[int, tuple[tuple[int, bytes, bool], PendingBlock]] = {}
+        # Per proposal being voted on: its operations still missing here at the last look.
+        self._missing: dict[int, list[int]] = {}
 
     # -- public -------------------------------------------------------------------------------
 
-    def tick(self, now_ns: int) -> CommitResult:
+    def tick(self, now_ns: int, cleanup: bool = True) -> CommitResult:
         """Rounds of SPEC 2.8 (analyse; vote or commit, else propose), then the cleanup. Beyond the
         original, a tick may go on while a round makes progress (at most `rounds_per_tick`; one, as
         the original, unless configured): a block is then committed right after this node's vote
         completes a quorum, and the next block proposed right after a commit, instead of one tick
         later each. Cheap when nothing
-        changed: the engine also calls it right after appends and received operations."""
+        changed: the engine also calls it right after appends and received operations, then without
+        the cleanup (`cleanup=False`), which is never urgent: it is left to the periodic ticks."""
         result = CommitResult()
         if self._chain.last_block() is None:
             return result  # no genesis yet: chain sync must download it first
@@ -558,7 +607,8 @@ class CommitManager:
             log.info("%s: out of sync: %s", self.local.node_id[-6:], exc)
             result.out_of_sync = True
             return result
-        result.cleaned = self._cleanup(now_ns, blocks)
+        if cleanup:
+            result.cleaned = self._cleanup(now_ns, blocks)
         return result
 
     def pending_blocks(self, now_ns: int) -> PendingBlocks:
@@ -573,6 +623,8 @@ class CommitManager:
         cache = self._analysed
         for group_id in [g for g in cache if g not in index.proposals or g in changed]:
             del cache[group_id]
+        for group_id in [g for g in self._missing if g not in index.proposals]:
+            del self._missing[group_id]
         for group_id in sorted(index.proposals):
             proposal = index.proposals[group_id]
             parsed = index.parsed[group_id]
@@ -696,6 +748,18 @@ class CommitManager:
 
     def _on_next_block(self, block: PendingBlock, blocks: PendingBlocks, result: CommitResult) -> None:
         following = False
+        if (
+            self._proposer_signs_last
+            and block.proposer_node_id == self.local.node_id
+            and not block.signatures
+            and not self.cell.has_quorum(1)
+        ):
+            # Beyond the original (engine setting): a proposer signs its proposal only once another
+            # node did. Turns are time based, so two nodes may propose for the same offset; the
+            # others sign the oldest they see first (`potential_next_blocks`) and each proposer
+            # follows. A proposer signing its own at once made such races split the votes until
+            # the proposals expired (seconds), each node stuck with its own.
+            return
         if not block.has_my_signature and not block.has_my_refusal:
             vote = self._vote(block, blocks)
             if vote is _Vote.WAIT:
@@ -713,8 +777,12 @@ class CommitManager:
                 following = True
             elif vote is _Vote.SIGN:
                 signature = sign_block(block.head, me, self.local.keypair)
+                self.index.parsed[block.group_id].verdicts[(me, bytes(signature.signature))] = True
                 operation = new_block_sign(self._new_operation_id(), me, block.group_id, signature.signature)
                 self._store([operation], result)
+                log.debug(
+                    "signed block %d at offset %d from %s", block.height, block.offset, block.proposer_node_id[-6:]
+                )
                 block.has_my_signature = True
                 if self.cell.is_chain_node(me):
                     block.signatures[me] = signature
@@ -735,7 +803,11 @@ class CommitManager:
         )
 
     def _vote(self, block: PendingBlock, blocks: PendingBlocks) -> _Vote:
-        """Sign or refuse (SPEC 2.8, B.1); raises _OutOfSync when the previous block is not ours."""
+        """Sign or refuse (SPEC 2.8, B.1); raises _OutOfSync when the previous block is not ours.
+
+        A proposal often arrives before some of its operations (pushes of other nodes still on the
+        way), and the engine calls the manager after every message: while some are missing, only
+        those are looked at again (`_missing`), and the operations present are checked once all are."""
         h = block.head.header
         where = f"proposal {block.group_id} from {block.proposer_node_id[-6:]} at offset {h.offset}"
         # Beyond the original: what a correct chain node cannot have proposed is refused outright.
@@ -743,19 +815,22 @@ class CommitManager:
         if malformed is not None:
             log.info("refusing %s: %s", where, malformed)
             return _Vote.REFUSE
-        for operation_id in block.operation_ids:
+        entry_ids = self.index.entry_ids
+        known_missing = self._missing.get(block.group_id)
+        if known_missing is None:
+            missing = [i for i in block.operation_ids if i not in entry_ids]
+            newly_missing = missing
+        else:
+            missing = [i for i in known_missing if i not in entry_ids]
+            newly_missing = []
+        self._missing[block.group_id] = missing
+        for operation_id in newly_missing:
             if blocks.in_committed_proposal(operation_id) or self._in_chain(operation_id, blocks):
                 log.info("refusing %s: operation %d is already committed", where, operation_id)
                 return _Vote.REFUSE
-        previous = self._chain.get_header(h.previous_offset)
-        if previous is None or previous.hash != h.previous_hash:
-            raise _OutOfSync(f"{where}: its previous block at offset {h.previous_offset} is not in the local chain")
-        if h.offset != previous.next_offset or h.height != previous.height + 1:
-            log.info("refusing %s: it does not follow its previous block", where)
-            return _Vote.REFUSE
-        local = self._local_entries(block.operation_ids)
-        missing = [i for i, entry in zip(block.operation_ids, local, strict=True) if entry is None]
         if missing:
+            if not self._check_previous(block, where):
+                return _Vote.REFUSE
             if any(self._pending.get(operation_id) is not None for operation_id in missing):
                 # Another kind of operation holds that id here (ids of two nodes collided): it will
                 # never be this entry, so waiting would only stall the chain.
@@ -763,12 +838,42 @@ class CommitManager:
                 return _Vote.REFUSE
             log.debug("%s: waiting for %d of its operations", where, len(missing))
             return _Vote.WAIT
+        for operation_id in block.operation_ids:
+            if blocks.in_committed_proposal(operation_id) or self._in_chain(operation_id, blocks):
+                log.info("refusing %s: operation %d is already committed", where, operation_id)
+                return _Vote.REFUSE
+        if not self._check_previous(block, where):
+            return _Vote.REFUSE
+        local = self._local_entries(block.operation_ids)
+        if any(entry is None for entry in local):
+            self._missing.pop(block.group_id, None)  # one went meanwhile: look at all of them again
+            return _Vote.WAIT
         if not self._operations_match(block.head, [entry.op for entry in local if entry is not None]):
             log.info("refusing %s: its operations do not match the local ones", where)
             return _Vote.REFUSE
         return _Vote.SIGN
 
+    def _check_previous(self, block: PendingBlock, where: str) -> bool:
+        """False if the proposal does not follow its previous block; raises _OutOfSync when that block
+        is not the one the local chain holds there."""
+        h = block.head.header
+        previous = self._chain.get_header(h.previous_offset)
+        if previous is None or previous.hash != h.previous_hash:
+            raise _OutOfSync(f"{where}: its previous block at offset {h.previous_offset} is not in the local chain")
+        if h.offset != previous.next_offset or h.height != previous.height + 1:
+            log.info("refusing %s: it does not follow its previous block", where)
+            return False
+        return True
+
     def _malformed_reason(self, block: PendingBlock) -> str | None:
+        parsed = self.index.parsed.get(block.group_id)
+        if parsed is None or parsed.proposal_hash != block.proposal.hash:
+            return self._find_malformed_reason(block)
+        if parsed.malformed is None:
+            parsed.malformed = (self._find_malformed_reason(block),)
+        return parsed.malformed[0]
+
+    def _find_malformed_reason(self, block: PendingBlock) -> str | None:
         h = block.head.header
         if h.cell_id != self.cell.cell_id:
             return f"it is for cell {h.cell_id}"
@@ -820,7 +925,15 @@ class CommitManager:
             raise _OutOfSync(f"the block before proposal {block.group_id} is not in the local chain")
         view = BlockView(block.head, tuple(ops)).with_signatures(block.signatures.values())
         try:
-            validate_block(view, previous, self.cell.chain_node_keys, self.cell.has_quorum)
+            # Its signatures were verified when the votes were analysed (`_verify` keeps the verdicts).
+            parsed = self.index.parsed[block.group_id]
+            validate_block(
+                view,
+                previous,
+                self.cell.chain_node_keys,
+                self.cell.has_quorum,
+                lambda _key, signature: parsed.verdicts.get((signature.node_id, bytes(signature.signature)), False),
+            )
         except InvalidBlock as exc:
             raise CommitManagerFatal(f"proposal {block.group_id} was signed but does not validate: {exc}") from exc
         try:

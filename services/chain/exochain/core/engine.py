@@ -2,11 +2,19 @@
 
 The shell (gRPC) calls `append`, `on_message` and `tick` with the current time, then sends what
 `take_outbox()` returns and publishes what `take_events()` returns. Storage is written before
-anything is returned, so what a caller was told is durable.
+anything is returned (the shell may make it durable with one sync for several inputs before it
+sends or answers: group commit), so what a caller was told is durable.
 
 Order inside a tick, as the original: chain sync first; the commit manager and the pending sync
 only run while the chain is synchronized (so a node that is behind never signs or revives stale
 operations); an out-of-sync verdict from the commit manager resets chain sync.
+
+Beyond the original, the commit manager also runs right after an append and after a message that
+brought new pending operations (a proposal, a vote, entries), without its cleanup: each step of a
+commit (propose, sign, commit, next proposal) then follows the message that enables it instead of
+waiting for the next tick of the node concerned. Its rounds cost what changed (see
+`CommitIndex`), so running it that often is cheap. Its own new operations (proposals, votes) are
+pushed as urgent messages.
 """
 
 from __future__ import annotations
@@ -116,6 +124,7 @@ class Engine:
             self.clock.consistent_time,
             max_block_bytes=config.chain_sync.blocks_max_send_size,
             rounds_per_tick=ENGINE_ROUNDS_PER_TICK,
+            proposer_signs_last=True,
         )
         self._outbox: list[Outgoing] = []
         self._events: list[EngineEvent] = []
@@ -141,7 +150,7 @@ class Engine:
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
             self._outbox.extend(self.pending_sync.handle_new_operations(ops, now_ns))
             # If it is our turn and enough entries wait, the proposal goes out now, not at the next tick.
-            self._run_commit_manager(now_ns)
+            self._run_commit_manager(now_ns, cleanup=False)
         return [op.operation_id for op in ops]
 
     def on_message(self, from_node_id: str, message: chain_pb2.PeerMessage, now_ns: int) -> None:
@@ -161,7 +170,7 @@ class Engine:
                 self._events.append(NewPendingOperations(new_ops))
                 # A proposal, a vote or entries arrived: sign, commit or propose now rather than at the
                 # next tick (each step of a commit would otherwise wait for a tick of the node concerned).
-                self._run_commit_manager(now_ns)
+                self._run_commit_manager(now_ns, cleanup=False)
         elif kind == "chain_sync_request":
             self._outbox.extend(self.chain_sync.handle_request(from_node_id, message.chain_sync_request, now_ns))
         elif kind == "chain_sync_response":
@@ -191,6 +200,11 @@ class Engine:
         events, self._events = self._events, []
         return events
 
+    def uncommitted_entries(self) -> int:
+        """Entries of the pending store neither committed nor in the chain (as of the last commit
+        manager round; the shell's flow control reads it)."""
+        return len(self.commit_manager.index.uncommitted)
+
     def status(self) -> EngineStatus:
         last = self.chain.last_block()
         peers = [
@@ -210,9 +224,10 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _run_commit_manager(self, now_ns: int) -> None:
-        """One commit manager round (only while synchronized); its new operations are pushed at once."""
-        result = self.commit_manager.tick(now_ns)
+    def _run_commit_manager(self, now_ns: int, cleanup: bool = True) -> None:
+        """One commit manager round (only while synchronized); its new operations are pushed at once.
+        The cleanup only runs on ticks: between the messages of a commit it would only delay them."""
+        result = self.commit_manager.tick(now_ns, cleanup)
         if result.new_operations:
             self._events.append(NewPendingOperations(result.new_operations))
             self._outbox.extend(self.pending_sync.handle_new_operations(result.new_operations, now_ns, urgent=True))

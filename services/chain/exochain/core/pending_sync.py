@@ -11,7 +11,8 @@ sides converge; a conversation ends when a request finds every range equal (noth
 Inputs and outputs (sans-IO: no clock, no sockets; storage is read and written synchronously):
 
 * `tick(now_ns)`: to each other chain node whose `RequestTracker` allows it, a whole-store request with
-  hashes and counts only (anti-entropy).
+  hashes and counts only (anti-entropy), of the operations older than half the check interval (newer
+  ones are being pushed: see `push_horizon`).
 * `handle_new_operations(ops, now_ns)`: after the engine stored new local operations, one request per
   other chain node for `[first new id, last new id]` holding the new operations in full and the rest of
   that range hashed, so a peer that only lacked them answers nothing (low-latency push).
@@ -21,15 +22,17 @@ Inputs and outputs (sans-IO: no clock, no sockets; storage is read and written s
 Rules kept from the original, and why:
 
 * Ranges hold up to `max_operations_per_range + 1` operations; the next range starts excluded at the last
-  operation of the previous one, so the bounds chain without gaps. A whole-store request starts and ends
-  unbounded, so operations outside the sender's span are compared too.
+  operation of the previous one, so the bounds chain without gaps. A whole-store request starts
+  unbounded, so operations outside the sender's span are compared too; it ends at the push horizon
+  rather than unbounded in this port (see `push_horizon`).
 * Per differing range: remote count 0 -> send ours in full; remote sent a hash only -> send our headers;
   else diff its headers with our operations: ours it lacks go in full, the rest as headers, and what only
   it has is left out, which makes it send those in full.
 * Height filter: an operation counts only if uncommitted, or committed at height >= `from_height`, where
   `from_height` is the request's `from_block_height` if non-zero, else our last cleanup height +
-  `operations_depth_after_cleanup`, else no filter. Replies carry the height used. This keeps nodes from
-  re-sending operations that others already cleaned up.
+  `operations_depth_after_cleanup`, else no filter (this port takes the higher of the two: see
+  `from_block_height`). Replies carry the height used. This keeps nodes from re-sending operations that
+  others already cleaned up.
 
 Where this port differs, and why:
 
@@ -75,6 +78,7 @@ import logging
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from exochain import wire
 from exochain.core.common import (
     META_CLEANUP_HEIGHT,
     ChainCell,
@@ -155,22 +159,73 @@ def passes_height_filter(entry: PendingEntry, from_height: int | None) -> bool:
     return from_height is None or entry.committed is None or entry.committed.block_height >= from_height
 
 
+# Field tags of PendingSyncRequest, PendingSyncRange and OperationHeader (see `wire`).
+_RANGES = wire.tag(1, wire.WIRE_LENGTH_DELIMITED)
+_FROM_BLOCK_HEIGHT = wire.tag(2, wire.WIRE_VARINT)
+_FROM_OPERATION = wire.tag(1, wire.WIRE_VARINT)
+_FROM_INCLUDED = wire.tag(2, wire.WIRE_VARINT)
+_TO_OPERATION = wire.tag(3, wire.WIRE_VARINT)
+_TO_INCLUDED = wire.tag(4, wire.WIRE_VARINT)
+_OPERATIONS_HASH = wire.tag(5, wire.WIRE_LENGTH_DELIMITED)
+_OPERATIONS_COUNT = wire.tag(6, wire.WIRE_VARINT)
+_OPERATIONS = wire.tag(7, wire.WIRE_LENGTH_DELIMITED)
+_OPERATIONS_HEADERS = wire.tag(8, wire.WIRE_LENGTH_DELIMITED)
+
+
+def _header_bytes(op: SignedOp) -> bytes:
+    """A serialised `OperationHeader` (what `SignedOp.header()` builds; a flat message of varints is
+    serialised faster by protobuf than by hand)."""
+    operation = op.operation
+    return _OperationHeader(
+        group_id=operation.group_id, operation_id=operation.operation_id, operation_hash=op.hash
+    ).SerializeToString()
+
+
+_OperationHeader = chain_pb2.OperationHeader
+
+
 @dataclass(slots=True)
 class _RangeDraft:
     lower: SyncBound
-    upper: SyncBound = UNBOUNDED
+    # The upper bound when set explicitly; else the range ends at its last operation (`upper`).
+    explicit_upper: SyncBound | None = None
     count: int = 0
+    last_id: int = 0
     hashes: list[bytes] = field(default_factory=list)
     # Set for a range copied as hash + count only (its operations are not pushed one by one).
     fixed_hash: bytes | None = None
     full: list[SignedOp] = field(default_factory=list)
     headers: list[SignedOp] = field(default_factory=list)
 
+    @property
+    def upper(self) -> SyncBound:
+        if self.explicit_upper is not None:
+            return self.explicit_upper
+        return SyncBound(self.last_id, True) if self.count else UNBOUNDED
+
     def digest_key(self) -> tuple[object, ...]:
         operations_hash = self.fixed_hash if self.fixed_hash is not None else tuple(self.hashes)
         full = tuple(op.hash for op in self.full)
         headers = tuple(op.hash for op in self.headers)
         return (self.lower, self.upper, self.count, operations_hash, full, headers)
+
+    def encode(self) -> bytes:
+        """The serialised `PendingSyncRange` (what `to_proto` builds, written from the operations' own
+        serialisations: a push holds hundreds of them)."""
+        operations_hash = self.fixed_hash if self.fixed_hash is not None else canonical.operations_hash(self.hashes)
+        upper = self.upper
+        return b"".join(
+            (
+                wire.varint_field(_FROM_OPERATION, self.lower.operation_id),
+                wire.varint_field(_FROM_INCLUDED, int(self.lower.included)),
+                wire.varint_field(_TO_OPERATION, upper.operation_id),
+                wire.varint_field(_TO_INCLUDED, int(upper.included)),
+                wire.length_delimited(_OPERATIONS_HASH, operations_hash),
+                wire.varint_field(_OPERATIONS_COUNT, self.count),
+                wire.repeated(_OPERATIONS, [op.encode() for op in self.full]),
+                wire.repeated(_OPERATIONS_HEADERS, [_header_bytes(op) for op in self.headers]),
+            )
+        )
 
     def to_proto(self) -> chain_pb2.PendingSyncRange:
         operations_hash = self.fixed_hash if self.fixed_hash is not None else canonical.operations_hash(self.hashes)
@@ -218,13 +273,15 @@ class SyncRangesBuilder:
         if last.fixed_hash is not None:
             raise ValueError("cannot push operations into a hash-only range; start a new range first")
         if last.count > self._max_operations_per_range:
-            if not last.upper.included:
+            if last.explicit_upper is not None and not last.explicit_upper.included:
                 raise ValueError("a full range must end at its last operation")
             last = _RangeDraft(SyncBound(last.upper.operation_id, False))
             self._ranges.append(last)
-        if last.hashes and op.operation_id <= last.upper.operation_id:
-            raise ValueError(f"operations must be pushed in increasing id order (got {op.operation_id})")
-        last.upper = SyncBound(op.operation_id, True)
+        operation_id = op.operation.operation_id
+        if last.hashes and operation_id <= last.last_id:
+            raise ValueError(f"operations must be pushed in increasing id order (got {operation_id})")
+        last.explicit_upper = None  # ends at this operation
+        last.last_id = operation_id
         last.count += 1
         last.hashes.append(op.hash)
         if details is OperationDetails.FULL and self._full_bytes_max is not None:
@@ -240,10 +297,16 @@ class SyncRangesBuilder:
 
     def set_last_range_upper(self, upper: SyncBound) -> None:
         if self._ranges:
-            self._ranges[-1].upper = upper
+            self._ranges[-1].explicit_upper = upper
 
     def build(self) -> list[chain_pb2.PendingSyncRange]:
         return [draft.to_proto() for draft in self._ranges]
+
+    def request(self, from_block_height: int) -> chain_pb2.PendingSyncRequest:
+        """The request holding these ranges (encoded from bytes, see `_RangeDraft.encode`)."""
+        body = wire.repeated(_RANGES, [draft.encode() for draft in self._ranges])
+        body += wire.varint_field(_FROM_BLOCK_HEIGHT, from_block_height)
+        return chain_pb2.PendingSyncRequest.FromString(body)
 
     def digest(self) -> int:
         """Identifies the content of the ranges (in this process only), cheaper than serialising them."""
@@ -343,7 +406,7 @@ class PendingSynchronizer:
             tracker.sent(now_ns)
             if message is None:
                 # Same content for every peer: built once and shared (messages are never mutated after).
-                message = _peer_message(self._whole_store_request())
+                message = _peer_message(self._whole_store_request(now_ns))
             outgoing.append(Outgoing(peer_id, message))
         self._requests_sent += len(outgoing)
         return outgoing
@@ -383,7 +446,7 @@ class PendingSynchronizer:
             # Persist before send: a peer must never learn of an operation we could lose.
             raise ValueError("new operations must be in the pending store before they are pushed")
         builder.set_last_range_upper(last)
-        return chain_pb2.PendingSyncRequest(ranges=builder.build(), from_block_height=from_height or 0)
+        return builder.request(from_height or 0)
 
     def handle_request(
         self, from_node_id: str, request: chain_pb2.PendingSyncRequest, now_ns: int
@@ -410,20 +473,36 @@ class PendingSynchronizer:
             changed |= self._answer_range(sync_range, received_ids, from_height, builder)
         if not changed or not self._may_reply(from_node_id, builder.digest(), bool(new_ops), now_ns):
             return [], new_ops
-        reply = chain_pb2.PendingSyncRequest(ranges=builder.build(), from_block_height=from_height or 0)
+        reply = builder.request(from_height or 0)
         self._requests_sent += 1
         return [Outgoing(from_node_id, _peer_message(reply))], new_ops
 
     # --- queries ------------------------------------------------------------------------------
 
     def from_block_height(self, request_height: int = 0) -> int | None:
-        """The height filter: the request's if non-zero, else last cleanup height + depth, else none."""
-        if request_height:
-            return request_height
+        """The height filter: the higher of the request's (if non-zero) and ours (last cleanup height +
+        depth, if a cleanup happened); None if neither.
+
+        The original took the request's as is. But a node cannot hand over operations it already
+        cleaned up: when its cleanup is ahead of the requester's (nodes clean up as their own chains
+        grow, so it often is, by a block or two), the requester's lower height made every range with
+        recently committed operations differ, and the conversation sent them in full, only for them
+        to be dropped as cleaned up, again at each periodic check (megabytes under load). With the
+        higher height, the reply (which carries it) makes both sides compare the same operations."""
+        own: int | None = None
         cleanup_height = self._meta.get_int(META_CLEANUP_HEIGHT)
-        if cleanup_height is None:
-            return None
-        return cleanup_height + self._config.operations_depth_after_cleanup
+        if cleanup_height is not None:
+            own = cleanup_height + self._config.operations_depth_after_cleanup
+        if request_height and (own is None or request_height > own):
+            return request_height
+        return own
+
+    def push_horizon(self, now_ns: int) -> int:
+        """The newest operation id the periodic whole-store check covers: ids (timestamps) older than
+        half the check interval. Newer operations are still being pushed (under load, thousands are
+        queued or in flight at any time); comparing them made every check send them again, in full,
+        in megabyte replies. A push that was lost is found by a later check."""
+        return max(1, now_ns - self._config.request_min_interval_ns // 2)
 
     def statistics(self) -> PendingSyncStatistics:
         return PendingSyncStatistics(
@@ -463,11 +542,7 @@ class PendingSynchronizer:
         entries = self._pending.range(*arguments)
         if from_height is None:
             return [entry.op for entry in entries]
-        return [
-            entry.op
-            for entry in entries
-            if entry.committed is None or entry.committed.block_height >= from_height
-        ]
+        return [entry.op for entry in entries if entry.committed is None or entry.committed.block_height >= from_height]
 
     def _may_reply(self, peer_id: str, reply_digest: int, made_progress: bool, now_ns: int) -> bool:
         """Whether to send this reply to `peer_id`: not if we already sent the same one since the peer last
@@ -486,14 +561,25 @@ class PendingSynchronizer:
         recent.digests.add(reply_digest)
         return True
 
-    def _whole_store_request(self) -> chain_pb2.PendingSyncRequest:
+    def _whole_store_request(self, now_ns: int) -> chain_pb2.PendingSyncRequest:
+        """Hashes and counts of the store up to the push horizon (`push_horizon`), in ranges of
+        `max_operations_per_range + 1` operations (what `SyncRangesBuilder` makes of hash-only
+        operations, computed directly: the store may hold tens of thousands of operations), the first
+        starting unbounded and the last ending at the horizon."""
         from_height = self.from_block_height()
+        horizon = SyncBound(self.push_horizon(now_ns), True)
+        ops = self._operations(UNBOUNDED, horizon, from_height)
+        per_range = self._config.max_operations_per_range + 1
         builder = SyncRangesBuilder(self._config.max_operations_per_range)
-        builder.push_new_range(UNBOUNDED)
-        for entry in self._entries(UNBOUNDED, UNBOUNDED, from_height):
-            builder.push_operation(entry.op, OperationDetails.HASH)
-        builder.set_last_range_upper(UNBOUNDED)
-        return chain_pb2.PendingSyncRequest(ranges=builder.build(), from_block_height=from_height or 0)
+        lower = UNBOUNDED
+        for start in range(0, max(len(ops), 1), per_range):
+            chunk = ops[start : start + per_range]
+            last = start + per_range >= len(ops)
+            upper = horizon if last else SyncBound(chunk[-1].operation_id, True)
+            builder.push_hashed_range(lower, upper, canonical.operations_hash([op.hash for op in chunk]), len(chunk))
+            if not last:
+                lower = SyncBound(chunk[-1].operation_id, False)
+        return builder.request(from_height or 0)
 
     def _answer_range(
         self,
@@ -533,12 +619,18 @@ class PendingSynchronizer:
     ) -> tuple[set[int], list[SignedOp]]:
         """Checks the full operations of a request and stores the acceptable new ones in one durable batch.
         Returns the ids of the valid operations received and the operations that were new."""
-        valid: dict[int, SignedOp] = {}
+        parsed: list[SignedOp] = []
         for sync_range in request.ranges:
             for signed in sync_range.operations:
-                op = self._accept(from_node_id, signed)
+                op = self._parse(from_node_id, signed)
                 if op is not None:
-                    valid.setdefault(op.operation_id, op)
+                    parsed.append(op)
+        valid: dict[int, SignedOp] = {}
+        for op, verified in zip(parsed, self._checker.verify_many(parsed), strict=True):
+            if verified:
+                valid.setdefault(op.operation_id, op)
+            else:
+                self._drop(from_node_id, f"operation {op.operation_id} of {op.node_id} has an invalid signature")
         cleanup_height = self._meta.get_int(META_CLEANUP_HEIGHT)
         to_store: list[SignedOp] = []
         for op in valid.values():
@@ -557,21 +649,21 @@ class PendingSynchronizer:
         self._operations_stored += len(new_ops)
         return set(valid), new_ops
 
-    def _accept(self, from_node_id: str, signed: chain_pb2.SignedOperation) -> SignedOp | None:
+    def _parse(self, from_node_id: str, signed: chain_pb2.SignedOperation) -> SignedOp | None:
+        """The operation if it parses and its author is a cell member (its signature is checked next)."""
         try:
-            op = SignedOp.from_proto(signed)
+            op = SignedOp.from_proto(signed, signed.SerializeToString())
         except InvalidOperation as exc:
-            reason = str(exc)
-        else:
-            if self._cell.member_key(op.node_id) is None:
-                reason = f"operation {op.operation_id} is from {op.node_id}, not a cell member"
-            elif not self._checker.verify(op):
-                reason = f"operation {op.operation_id} of {op.node_id} has an invalid signature"
-            else:
-                return op
+            self._drop(from_node_id, str(exc))
+            return None
+        if self._cell.member_key(op.node_id) is None:
+            self._drop(from_node_id, f"operation {op.operation_id} is from {op.node_id}, not a cell member")
+            return None
+        return op
+
+    def _drop(self, from_node_id: str, reason: str) -> None:
         log.warning("pending sync: dropped an operation sent by %s: %s", from_node_id, reason)
         self._operations_dropped += 1
-        return None
 
     def _was_cleaned_up(self, op: SignedOp, cleanup_height: int) -> bool:
         """In our chain at or below the last cleanup height: it was deleted from the pending store on

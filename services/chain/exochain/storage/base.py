@@ -51,6 +51,11 @@ class ChainStore(Protocol):
 
     def headers_from(self, offset: int) -> Iterator[BlockHeaderView]: ...
 
+    def encoded_blocks_from(self, offset: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, serialised `Block`) of the blocks with offset >= `offset`, in order, without
+        decoding them (what chain sync sends)."""
+        ...
+
     def block_offset_of_operation(self, operation_id: int) -> int | None:
         """Offset of the block holding this entry, or proposed by this proposal id."""
         ...
@@ -94,9 +99,10 @@ class PendingStore(Protocol):
         """Number of changes applied so far (each put, commit status change or delete of an operation)."""
         ...
 
-    def changes_since(self, version: int) -> list[tuple[int, int]] | None:
-        """`(operation id, group id)` of the operations changed after `version`, oldest first (an id may
-        repeat; `get` gives its current state); None when the store no longer knows (rescan it)."""
+    def changes_since(self, version: int) -> tuple[list[int], list[int]] | None:
+        """The ids of the operations changed after `version` and (a parallel list) their group ids,
+        oldest first (an id may repeat; `get` gives its current state); None when the store no longer
+        knows (rescan it)."""
         ...
 
     def set_committed(self, operation_ids: Iterable[int], status: CommitStatus | None) -> None:

@@ -14,11 +14,12 @@ Every mutation is one write batch, synced to disk unless `sync_writes=False`: at
 when the call returns (a SIGKILL right after loses nothing). With `sync_writes=False` (the service)
 a write is in the OS when the call returns, which a killed process cannot lose, and `sync()` makes
 every write so far durable on disk: the service calls it in a worker thread and answers appends and
-sends messages only after it (group commit: one disk sync for all the writes of that moment). The pending store is small (operations
-are cleaned up a few blocks after being committed) and read a lot by pending sync, so it is
-mirrored in memory (loaded on open) and read from there, which also gives its group index
-(rebuilt from the operations' group ids, so none is stored); the chain keeps its last block and a few
-recent blocks decoded in memory.
+sends messages only after it (group commit: one disk sync for all the writes of that moment).
+
+The pending store is small (operations are cleaned up a few blocks after being committed) and read
+a lot by pending sync, so it is mirrored in memory (loaded on open) and read from there, which also
+gives its group index (rebuilt from the operations' group ids, so none is stored); the chain keeps
+its last block and a few recent blocks decoded in memory.
 
 Thread safety: mutations are serialized by one lock; reads may run concurrently with them.
 """
@@ -166,9 +167,7 @@ class LevelDbStorage:
         if target == self._synced_writes:
             return
         with self._sync_lock:
-            numbers = sorted(
-                int(path.stem) for path in self.path.glob("*.log") if path.stem.isdigit()
-            )
+            numbers = sorted(int(path.stem) for path in self.path.glob("*.log") if path.stem.isdigit())
             fresh = [n for n in numbers if n >= self._log_synced_from]
             if not fresh:
                 # Not the layout expected: let LevelDB sync its log (slower, but always right).
@@ -279,6 +278,11 @@ class LevelDbChainStore:
                 block_offset = _U64.unpack_from(key, 1)[0]
                 block = recent.get(block_offset)
                 yield block if block is not None else _decode_block(data, block_offset)
+
+    def encoded_blocks_from(self, offset: int) -> Iterator[tuple[int, bytes]]:
+        with self._db.iterator(start=_key(_BLOCK, offset), stop=_prefix_end(_BLOCK)) as it:
+            for key, data in it:
+                yield _U64.unpack_from(key, 1)[0], data
 
     def headers_from(self, offset: int) -> Iterator[BlockHeaderView]:
         with self._db.iterator(start=_key(_HEADER, offset), stop=_prefix_end(_HEADER)) as it:
@@ -412,7 +416,7 @@ class LevelDbPendingStore:
     def version(self) -> int:
         return self._index.version()
 
-    def changes_since(self, version: int) -> list[tuple[int, int]] | None:
+    def changes_since(self, version: int) -> tuple[list[int], list[int]] | None:
         return self._index.changes_since(version)
 
     # -- writes -------------------------------------------------------------------------------

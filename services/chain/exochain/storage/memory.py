@@ -63,6 +63,10 @@ class MemoryChainStore:
         for block in self._blocks[bisect.bisect_left(self._offsets, offset) :]:
             yield block.head
 
+    def encoded_blocks_from(self, offset: int) -> Iterator[tuple[int, bytes]]:
+        for block in self._blocks[bisect.bisect_left(self._offsets, offset) :]:
+            yield block.offset, block.encode()
+
     def block_offset_of_operation(self, operation_id: int) -> int | None:
         return self._operation_index.get(operation_id)
 
@@ -117,9 +121,15 @@ class PendingIndex:
     def __init__(self) -> None:
         self._entries: dict[int, PendingEntry] = {}
         self._ids: list[int] = []
+        # Group id -> ids of the *other* operations of the group (signatures and refusals of a proposal).
+        # An operation that is its own group (an entry, a proposal) is not indexed here: entries are
+        # almost every operation, and a set each would cost memory and time for nothing.
         self._groups: dict[int, set[int]] = {}
-        self._journal: list[tuple[int, int]] = []
-        # Version of the change before journal[0] (the journal holds versions start+1 ... start+len).
+        # Two parallel lists of ints (operation ids, group ids) rather than tuples: ints are not tracked
+        # by the garbage collector, and this journal grows by several entries per operation.
+        self._journal_ids: list[int] = []
+        self._journal_groups: list[int] = []
+        # Version of the change before the journal's first (it holds versions start+1 ... start+len).
         self._journal_start = 0
 
     # -- reads --------------------------------------------------------------------------------
@@ -128,12 +138,15 @@ class PendingIndex:
         return self._entries.get(operation_id)
 
     def group(self, group_id: int) -> list[PendingEntry]:
+        entries = self._entries
+        head = entries.get(group_id)
+        heads = [head] if head is not None and head.op.group_id == group_id else []
         members = self._groups.get(group_id)
         if not members:
-            return []
-        entries = self._entries
+            return heads
         found = (entries.get(i) for i in sorted(members))
-        return [entry for entry in found if entry is not None]
+        others = [entry for entry in found if entry is not None]
+        return sorted(heads + others, key=lambda entry: entry.op.operation_id) if heads else others
 
     def range(self, after: int | None = None, up_to: int | None = None) -> Iterator[PendingEntry]:
         """Operations with after < id <= up_to (None = unbounded), in id order."""
@@ -154,21 +167,23 @@ class PendingIndex:
 
     def version(self) -> int:
         """Number of changes applied since the store was created (or opened)."""
-        return self._journal_start + len(self._journal)
+        return self._journal_start + len(self._journal_ids)
 
-    def changes_since(self, version: int) -> list[tuple[int, int]] | None:
-        """`(operation id, group id)` of every change after `version`, oldest first (an id may repeat;
-        its current state is `get(id)`); None if the journal no longer goes back that far."""
+    def changes_since(self, version: int) -> tuple[list[int], list[int]] | None:
+        """The operation ids and (in a parallel list) group ids of every change after `version`,
+        oldest first (an id may repeat; its current state is `get(id)`); None if the journal no longer
+        goes back that far."""
         index = version - self._journal_start
-        if index < 0 or index > len(self._journal):
+        if index < 0 or index > len(self._journal_ids):
             return None
-        return self._journal[index:]
+        return self._journal_ids[index:], self._journal_groups[index:]
 
     def _record(self, operation_id: int, group_id: int) -> None:
-        journal = self._journal
-        journal.append((operation_id, group_id))
-        if len(journal) >= 2 * JOURNAL_LEN_MIN:
-            del journal[:JOURNAL_LEN_MIN]
+        self._journal_ids.append(operation_id)
+        self._journal_groups.append(group_id)
+        if len(self._journal_ids) >= 2 * JOURNAL_LEN_MIN:
+            del self._journal_ids[:JOURNAL_LEN_MIN]
+            del self._journal_groups[:JOURNAL_LEN_MIN]
             self._journal_start += JOURNAL_LEN_MIN
 
     # -- planning -----------------------------------------------------------------------------
@@ -196,8 +211,12 @@ class PendingIndex:
         doomed: dict[int, PendingEntry] = {}
         entries = self._entries
         for operation_id in operation_ids:
+            entry = entries.get(operation_id)
             members = self._groups.get(operation_id)
-            for member in members if members else (operation_id,):
+            # The whole group if the id has members (the group's own operation is one if present).
+            if entry is not None and (not members or entry.op.group_id == operation_id):
+                doomed[operation_id] = entry
+            for member in members or ():
                 entry = entries.get(member)
                 if entry is not None:
                     doomed[member] = entry
@@ -230,11 +249,12 @@ class PendingIndex:
                     bisect.insort(ids, operation_id)
             elif previous.op.group_id != group_id:
                 self._ungroup(previous.op.group_id, operation_id)
-            members = groups.get(group_id)
-            if members is None:
-                groups[group_id] = {operation_id}
-            else:
-                members.add(operation_id)
+            if group_id != operation_id:
+                members = groups.get(group_id)
+                if members is None:
+                    groups[group_id] = {operation_id}
+                else:
+                    members.add(operation_id)
             current[operation_id] = entry
             self._record(operation_id, group_id)
             if previous is not None and previous.op.group_id != group_id:
