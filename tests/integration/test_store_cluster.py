@@ -132,6 +132,9 @@ def test_a_sigkilled_store_resumes_and_matches_a_replica_that_never_died(stores:
         writer.start()
     try:
         wait_until(lambda: all(w.acknowledged >= 15 for w in writers), 20, "writes to be acknowledged")
+        # Killed only once its chain index holds something, so the restart has progress to resume from
+        # (on a loaded machine the first chain-index batch can come late).
+        wait_until(lambda: "chain-indexed" in b.store_log_path.read_text(), 30, "b's store to chain-index a block")
         b.kill_store()
         killed_at = writers[0].acknowledged
         wait_until(lambda: writers[0].acknowledged >= killed_at + 20, 20, "writes while the store is down")

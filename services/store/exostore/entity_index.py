@@ -659,7 +659,7 @@ class EntityIndex:
         if deleted_targets:
             self.payloads.delete_many(deleted_targets)
         update.indexed.extend(mutations)
-        log.debug(
+        log.info(
             "chain-indexed %d block(s) up to offset %d (%d operation(s))",
             len(blocks),
             blocks[-1].ref.offset,
