@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from exocommon.config import Cell, NodeDirectory, Role
 from exocommon.errors import ExocoreError
 from exocommon.grpc_util import ServiceServer, configure_logging
+from exocommon.grpc_util.server import stop_on_signals
 
 from .bridge import GrpcStoreBridge, NodeToken
 from .runtime import WasmEngine
@@ -118,14 +118,7 @@ async def run(setup: AppHostSetup) -> int:
         },
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        log.info("signal %s received, shutting down", sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop_on_signals(stop)
     watcher = asyncio.create_task(service.watch(), name="apps-watch")
     try:
         await stop.wait()

@@ -14,7 +14,6 @@ import asyncio
 import faulthandler
 import gc
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from exocommon.clock import SystemTimeSource
 from exocommon.config import Cell, NodeDirectory, Role
 from exocommon.errors import ExocoreError, FailedPrecondition
 from exocommon.grpc_util import ServiceServer, configure_logging
+from exocommon.grpc_util.server import stop_on_signals
 
 log = logging.getLogger("exochain")
 
@@ -124,17 +124,7 @@ async def run(setup: ChainNodeSetup, storage: LevelDbStorage) -> int:
         },
     )
 
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            log.info("signal %s received, shutdown already in progress", sig.name)
-        else:
-            log.info("signal %s received, shutting down", sig.name)
-            stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop_on_signals(stop)
     try:
         await stop.wait()
     finally:

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import faulthandler
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from urllib.parse import urlsplit
 from exocommon.config import NodeDirectory
 from exocommon.errors import ExocoreError
 from exocommon.grpc_util import configure_logging
+from exocommon.grpc_util.server import stop_on_signals
 from exogateway.gateway import Gateway, GatewaySettings, directory_cell_source
 from exogateway.limits import LimitSettings
 
@@ -114,17 +114,7 @@ async def run(settings: GatewaySettings, node_dir: Path, cell_id: str, watched: 
         },
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            log.info("signal %s received, shutdown already in progress", sig.name)
-        else:
-            log.info("signal %s received, shutting down", sig.name)
-            stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop_on_signals(stop)
     try:
         await stop.wait()
     finally:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import faulthandler
 import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from grpc_health.v1 import health_pb2
 from exocommon.config import StoreSettings
 from exocommon.errors import ExocoreError, FailedPrecondition
 from exocommon.grpc_util import ServiceServer, configure_logging, create_channel
+from exocommon.grpc_util.server import stop_on_signals
 from exocommon.sealed import derive_cell_data_key
 from exocore.chain.v1 import chain_pb2_grpc
 from exostore.entity_index import EntityIndex
@@ -124,17 +124,7 @@ async def run(setup: StoreSetup, registry: TraitRegistry, payloads: PayloadStore
     for task in tasks:
         task.add_done_callback(on_task_done)
 
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            log.info("signal %s received, shutdown already in progress", sig.name)
-        else:
-            log.info("signal %s received, shutting down", sig.name)
-            stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop_on_signals(stop)
     try:
         await stop.wait()
     finally:

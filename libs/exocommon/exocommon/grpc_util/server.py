@@ -248,3 +248,19 @@ async def serve(
     await server.start()
     server.install_signal_handlers()
     await server.wait_for_termination()
+
+
+def stop_on_signals(stop: asyncio.Event, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """SIGTERM and SIGINT set `stop` (once; later signals are logged): the services' `__main__`
+    wait on it, then shut down in their own order."""
+    loop = loop or asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            _log.info("signal %s received, shutdown already in progress", sig.name)
+        else:
+            _log.info("signal %s received, shutting down", sig.name)
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
