@@ -153,7 +153,9 @@ def test_a_sigkilled_store_resumes_and_matches_a_replica_that_never_died(stores:
 
     final = wait_until(lambda: converged(a, b, possible), 30, "both stores to return the same results")
     assert all(len(entity_texts) == 3 for _, _, entity_texts in final[1]), "all of a request or nothing"
-    match = query_pb2.EntityQuery(match=query_pb2.MatchPredicate(query="write part"), paging=query_pb2.Paging(count=1000))
+    match = query_pb2.EntityQuery(
+        match=query_pb2.MatchPredicate(query="write part"), paging=query_pb2.Paging(count=1000)
+    )
     # Scores depend on which index (pending, boosted, or chain) holds a mutation on each replica and on
     # each index's term statistics, so the two replicas may rank equally good matches differently: the
     # same entities must match, in any order.
