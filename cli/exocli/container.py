@@ -150,7 +150,10 @@ def prepare_node_dir(service: str) -> tuple[NodeDirectory, str]:
     folder = DATA_FOLDERS.get(service)
     if folder is not None:
         target = data_dir / folder
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ContainerSetupError(f"cannot create {target}: {exc} (mount a volume there)") from None
         if not os.access(target, os.W_OK):
             raise ContainerSetupError(
                 f"{target} is not writable by uid {os.getuid()}: give the volume to that user "
