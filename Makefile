@@ -16,7 +16,7 @@ EXO := $(VENV)/bin/exo
 RUN_NODE := .exo/node
 
 .PHONY: setup proto run test test-unit lint lint-py lint-protos clean clean-run tools apps bench-apphost bench-gateway \
-	bench-store
+	bench-store bench-chain
 
 setup: $(SETUP_STAMP) $(PROTO_STAMP)
 
@@ -82,6 +82,12 @@ bench-gateway: setup
 # and a gRPC echo. `make bench-store BENCH_STORE_ARGS="--entities 20000"` for a shorter run.
 bench-store: setup
 	$(PY) bench/bench_store.py $(BENCH_STORE_ARGS)
+
+# The chain on a 3-node loopback cell (a benchmark, not a test): committed entries/s with 1 and 16
+# appenders, append and append-to-committed latency p50/p99, catch-up of an empty node, with the
+# default settings and a tuned one. `make bench-chain BENCH_CHAIN_ARGS="--quick"` for a shorter run.
+bench-chain: setup
+	$(PY) bench/bench_chain.py $(BENCH_CHAIN_ARGS)
 
 # --- Deployment: container images, docker-compose, Kubernetes (deploy/, README "Deploy") ---------
 # podman needs deploy/containers.conf on these machines (runc, cgroupfs, ulimits: TOOLCHAIN.md).

@@ -5,8 +5,15 @@ Theory of operation
 
 * **One owner for the engine.** The engine is not thread safe; every call to it (`append`,
   `on_message`, `tick`, and the storage reads of the read RPCs) happens on the event loop thread,
-  from a gRPC handler or from the driver task, never across an `await`. Engine calls are
-  synchronous, so two of them never interleave.
+  never across an `await`. Engine calls are synchronous, so two of them never interleave.
+* **Input scheduling.** Appends, peer messages and ticks go through one input task
+  (`_process_inputs`), one at a time: urgent ones first (ticks, and peer messages their sender
+  marked urgent: block proposals and votes), then the others in arrival order. A commit takes a
+  few messages between the nodes; behind a backlog of entry pushes and appends, each waited tens
+  of milliseconds at every node.
+* **Flow control.** An append waits while the peers' message backlogs are long (the slower peers
+  for at most `append_peer_wait_max_s`) or while too many entries wait to be committed: appends
+  cannot outrun replication and commits, so queues, the pending store and latencies stay bounded.
 * **The driver task** calls `engine.tick(now)` every `tick_interval`. After *every* input (tick,
   append, delivered peer message) `_after_input` drains the engine: `take_outbox()` goes to the
   peer links, `take_events()` to the subscribers, once what they depend on is durable (raft's
@@ -15,18 +22,26 @@ Theory of operation
   loses none of them) without waiting for the disk; the outputs of an input are held until a
   storage sync covers its writes, and an `Append` is answered after that sync too. One sync runs at
   a time, in a worker thread, for everything written since the previous one: under load, many
-  appends and messages share one disk flush, and the event loop never waits for the disk. (With
-  a storage whose writes are durable when they return, as in tests, outputs go out at once.)
-* **Peer links.** Each other chain node gets a `PeerLink`: a bounded queue (the oldest message is
-  dropped when it is full; pending sync and chain sync are anti-entropy protocols, so a lost
+  appends and messages share one disk flush, and the event loop never waits for the disk. When
+  inputs are sparse and nothing waits, the sync runs on the event loop at once instead (the
+  thread's hops would cost more than the sync). (With a storage whose writes are durable when they
+  return, as in tests, outputs go out at once.)
+* **Peer links.** Each other chain node gets a `PeerLink`: bounded queues (the oldest message is
+  dropped when one is full; pending sync and chain sync are anti-entropy protocols, so a lost
   message is repaired by a later round) and one task that signs each message in a `PeerEnvelope`
-  and calls `ChainPeer.Deliver` with a deadline, a few calls in flight at most. A dead or slow
-  peer fills its own queue and nothing else: the engine never waits on the network.
+  and calls `ChainPeer.Deliver` with a deadline, `peer_in_flight_max` calls in flight at most;
+  urgent messages (the engine marks the commit manager's proposals and votes) have their own
+  queue, go first and do not count toward that limit. Pushes of local entries waiting in a queue
+  are merged into one message (fewer calls, envelopes and inputs at the peer), and once delivered
+  (in order) they are reported to the engine (`Engine.peer_received`: the proposer leaves out of its
+  proposal the local entries its peers do not hold yet, which would make their votes wait). A dead
+  or slow peer fills its own queues and nothing else: the engine never waits on the network.
 * **Incoming envelopes** are authenticated before the engine sees them: right cell, sender a
   chain node of the cell (not us), addressed to us, Ed25519 signature of the sender's key over
   `canonical.peer_envelope_payload`, `sent_at` within `ENVELOPE_MAX_SKEW_NS` of our clock.
   Anything else is UNAUTHENTICATED.
-* **Subscribers** (`ChainLog.Subscribe`) each have a bounded queue of `ChainEvent`s. The queue is
+* **Subscribers** (`ChainLog.Subscribe`) each have a bounded queue of `ChainEvent`s (pending batches
+  waiting in it are merged into one event when the stream sends). The queue is
   registered *before* the replay of stored blocks and pending operations, so nothing written
   during the replay is missed; what the replay already sent is skipped when it comes out of the
   queue (blocks by offset, pending operations by id). A subscriber whose queue overflows gets a
@@ -53,7 +68,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -72,6 +87,8 @@ from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 NS_PER_S = 1_000_000_000
 
 # Envelopes whose sent_at is further than this from our clock are refused (replays, bad clocks).
@@ -89,6 +106,12 @@ GET_BLOCKS_MAX_BYTES = 8 * 1024 * 1024
 SLOW_TICK_S = 0.5
 # A peer message whose handling takes longer than this is logged, with what it held.
 SLOW_INPUT_S = 0.1
+# Queued pending batches of a subscriber are merged into one event up to this many operations.
+SUBSCRIBER_MERGE_OPERATIONS_MAX = 10_000
+# Pushes queued for a peer are merged into one message up to this many bytes (see `PeerLink`).
+PUSH_MERGE_BYTES_MAX = 4 * 1024 * 1024
+# Inputs further apart than this count as sparse: their writes are synced on the event loop itself.
+SPARSE_INPUTS_GAP_S = 0.02
 
 # Replay reads from storage in batches of this many blocks / operations between two writes.
 REPLAY_BATCH_BLOCKS = 64
@@ -112,13 +135,13 @@ class ShellConfig:
     tick_interval_s: float = 0.1
     # Per peer: queued messages, calls in flight (urgent messages do not count), deadline of one call.
     peer_queue_len_max: int = 1_000
-    peer_in_flight_max: int = 2
+    peer_in_flight_max: int = 1
     peer_deadline_s: float = 5.0
     # Flow control: an append waits until the peers have fewer messages than this queued or in
     # flight (the slower ones for at most `append_peer_wait_max_s` once a quorum has), so that appends
     # cannot outrun replication (queues, then the pending store and the blocks, would grow without
     # bound and every latency with them).
-    append_peer_backlog_max: int = 16
+    append_peer_backlog_max: int = 8
     append_peer_wait_max_s: float = 1.0
     # Flow control too: an append waits while this node holds this many entries not committed yet
     # (a chain that cannot keep up, or has no quorum, does not let the pending store grow without end).
@@ -126,6 +149,11 @@ class ShellConfig:
     # Per subscriber: buffered events (the original's events_stream_buffer_size); subscribers.
     subscriber_queue_len_max: int = 1_000
     subscribers_max: int = 256
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("engine input failed", exc_info=task.exception())
 
 
 def _status_text(status: object) -> str:
@@ -163,7 +191,7 @@ class EnvelopeSigner:
         self.local = local
         self._clock = Clock(consistent_clock_id(PeerId.from_str(local.node_id)), time_source)
 
-    def seal(self, to_node_id: str, message: chain_pb2.PeerMessage) -> chain_pb2.PeerEnvelope:
+    def seal(self, to_node_id: str, message: chain_pb2.PeerMessage, urgent: bool = False) -> chain_pb2.PeerEnvelope:
         message_bytes = message.SerializeToString()
         sent_at = self._clock.consistent_time()
         payload = canonical.peer_envelope_payload(self.cell_id, self.local.node_id, to_node_id, sent_at, message_bytes)
@@ -174,6 +202,7 @@ class EnvelopeSigner:
             sent_at=sent_at,
             message_bytes=message_bytes,
             signature=self.local.keypair.sign(payload),
+            urgent=urgent,
         )
 
 
@@ -231,39 +260,40 @@ class PeerLink:
         signer: EnvelopeSigner,
         config: ShellConfig,
         on_progress: Callable[[], None] | None = None,
+        on_delivered: Callable[[str, int], None] | None = None,
     ) -> None:
+        """`on_progress()`: a call ended; `on_delivered(node id, id)`: every push of local entries up
+        to that id was delivered (or given up on), in order (see `Outgoing.own_up_to`)."""
         self.node_id = node_id
         self._on_progress = on_progress
+        self._on_delivered = on_delivered
+        # Bulk messages sent, in order: [highest local entry id it carries, done].
+        self._sent_bulk: deque[list[int]] = deque()
+        self.delivered_up_to = 0
         self._in_flight = 0
         self._bulk_in_flight = 0
         self.address = address
         self._signer = signer
         self._config = config
-        self._queue: deque[chain_pb2.PeerMessage] = deque()
+        self._queue: deque[tuple[chain_pb2.PeerMessage, int]] = deque()
         # Proposals and votes overtake the rest (see `Outgoing.urgent`).
-        self._urgent: deque[chain_pb2.PeerMessage] = deque()
+        self._urgent: deque[tuple[chain_pb2.PeerMessage, int]] = deque()
         self._wakeup = asyncio.Event()
         self._reachable: bool | None = None
         self.sent = 0
         self.failed = 0
         self.dropped = 0
+        self.merged = 0
 
-    def offer(self, message: chain_pb2.PeerMessage, urgent: bool = False) -> None:
+    def offer(self, message: chain_pb2.PeerMessage, urgent: bool = False, own_up_to: int = 0) -> None:
         queue = self._urgent if urgent else self._queue
         if len(queue) >= self._config.peer_queue_len_max:
             queue.popleft()
             self.dropped += 1
             if self.dropped % 100 == 1:
                 log.warning("queue to peer %s is full; dropping its oldest messages", self.node_id)
-        queue.append(message)
+        queue.append((message, own_up_to))
         self._wakeup.set()
-
-    def _next(self) -> chain_pb2.PeerMessage | None:
-        if self._urgent:
-            return self._urgent.popleft()
-        if self._queue:
-            return self._queue.popleft()
-        return None
 
     async def run(self) -> None:
         """Sends queued messages: urgent ones at once, the others with at most `peer_in_flight_max`
@@ -273,18 +303,21 @@ class PeerLink:
         tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
+                sent: list[int] | None = None
                 if self._urgent:
-                    message, bulk = self._urgent.popleft(), False
+                    message, _ = self._urgent.popleft()
                 elif self._queue and self._bulk_in_flight < self._config.peer_in_flight_max:
-                    message, bulk = self._queue.popleft(), True
+                    message, own_up_to = self._take_bulk()
+                    sent = [own_up_to, 0]
+                    self._sent_bulk.append(sent)
                 else:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                envelope = self._signer.seal(self.node_id, message)
+                envelope = self._signer.seal(self.node_id, message, urgent=sent is None)
                 self._in_flight += 1
-                self._bulk_in_flight += bulk
-                task = asyncio.create_task(self._deliver(stub, envelope, bulk))
+                self._bulk_in_flight += sent is not None
+                task = asyncio.create_task(self._deliver(stub, envelope, sent))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -293,7 +326,9 @@ class PeerLink:
             await asyncio.gather(*tasks, return_exceptions=True)
             await channel.close()
 
-    async def _deliver(self, stub: chain_pb2_grpc.ChainPeerStub, envelope: chain_pb2.PeerEnvelope, bulk: bool) -> None:
+    async def _deliver(
+        self, stub: chain_pb2_grpc.ChainPeerStub, envelope: chain_pb2.PeerEnvelope, sent: list[int] | None
+    ) -> None:
         try:
             await stub.Deliver(envelope, timeout=self._config.peer_deadline_s)
         except grpc.aio.AioRpcError as exc:
@@ -314,10 +349,51 @@ class PeerLink:
             self._reachable = True
         finally:
             self._in_flight -= 1
-            self._bulk_in_flight -= bulk
+            if sent is not None:
+                self._bulk_in_flight -= 1
+                sent[1] = 1  # done, delivered or given up on (anti-entropy repairs a lost push)
+                self._advance_delivered()
             self._wakeup.set()
             if self._on_progress is not None:
                 self._on_progress()
+
+    def _take_bulk(self) -> tuple[chain_pb2.PeerMessage, int]:
+        """The next bulk message; consecutive pushes of local entries waiting behind it (same height
+        filter) are merged into it, up to `PUSH_MERGE_BYTES_MAX` bytes of ranges: one call, one
+        envelope and one input at the peer for several appends (their ranges are independent, and a
+        request may hold any number of them)."""
+        message, own_up_to = self._queue.popleft()
+        if own_up_to == 0 or not self._queue or self._queue[0][1] == 0:
+            return message, own_up_to
+        request = message.pending_sync
+        merged: chain_pb2.PendingSyncRequest | None = None
+        size = request.ByteSize()
+        while self._queue and self._queue[0][1] > 0:
+            following = self._queue[0][0].pending_sync
+            following_size = following.ByteSize()
+            if following.from_block_height != request.from_block_height or size + following_size > PUSH_MERGE_BYTES_MAX:
+                break
+            if merged is None:
+                merged = chain_pb2.PendingSyncRequest()
+                merged.CopyFrom(request)
+            merged.ranges.extend(following.ranges)
+            size += following_size
+            own_up_to = max(own_up_to, self._queue.popleft()[1])
+            self.merged += 1
+        if merged is None:
+            return message, own_up_to
+        return chain_pb2.PeerMessage(pending_sync=merged), own_up_to
+
+    def _advance_delivered(self) -> None:
+        advanced = False
+        sent_bulk = self._sent_bulk
+        while sent_bulk and sent_bulk[0][1]:
+            own_up_to = sent_bulk.popleft()[0]
+            if own_up_to > self.delivered_up_to:
+                self.delivered_up_to = own_up_to
+                advanced = True
+        if advanced and self._on_delivered is not None:
+            self._on_delivered(self.node_id, self.delivered_up_to)
 
     def backlog(self) -> int:
         """Messages queued or in flight."""
@@ -358,15 +434,39 @@ class Subscriber:
     def __len__(self) -> int:
         return len(self._events)
 
-    async def next(self) -> chain_pb2.ChainEvent | None:
-        """The next live event; None once discontinued or closed (check which)."""
+    async def next(self, max_events: int = 0) -> tuple[chain_pb2.ChainEvent, int] | None:
+        """The next live event and how many queued events it stands for; None once discontinued or
+        closed (check which). With `pending_batches`, consecutive `pending_batch` events are merged
+        into one (at most `max_events` of them if non-zero, and `SUBSCRIBER_MERGE_OPERATIONS_MAX`
+        operations): a stream message costs more than the operations it carries."""
         while True:
             if self.discontinued or self.closed:
                 return None
             if self._events:
-                return self._events.popleft()
+                return self._take(max_events)
             self._ready.clear()
             await self._ready.wait()
+
+    def _take(self, max_events: int) -> tuple[chain_pb2.ChainEvent, int]:
+        events = self._events
+        event = events.popleft()
+        if not self.pending_batches or not events or max_events == 1:
+            return event, 1
+        if event.WhichOneof("event") != "pending_batch" or events[0].WhichOneof("event") != "pending_batch":
+            return event, 1
+        merged = chain_pb2.ChainEvent()
+        merged.CopyFrom(event)
+        operations = merged.pending_batch.operations
+        count = 1
+        while (
+            events
+            and (max_events == 0 or count < max_events)
+            and len(operations) < SUBSCRIBER_MERGE_OPERATIONS_MAX
+            and events[0].WhichOneof("event") == "pending_batch"
+        ):
+            operations.extend(events.popleft().pending_batch.operations)
+            count += 1
+        return merged, count
 
 
 def _pending_event(op: SignedOp) -> chain_pb2.ChainEvent:
@@ -440,7 +540,9 @@ class ChainService:
         self._commit_progress = asyncio.Event()
         for node_id, address in sorted(peer_addresses.items()):
             if address:
-                self.peers[node_id] = PeerLink(node_id, address, self._signer, self.config, self._peer_progress.set)
+                self.peers[node_id] = PeerLink(
+                    node_id, address, self._signer, self.config, self._peer_progress.set, self._peer_delivered
+                )
             else:
                 log.warning("chain node %s has no chain address in the cell config; it gets no messages", node_id)
         self._subscribers: set[Subscriber] = set()
@@ -453,9 +555,19 @@ class ChainService:
         )
         self._held: list[tuple[list[Outgoing], list[EngineEvent]]] = []
         self._syncing = False  # a sync is running for outputs taken from `_held`
+        self._sync_running = False  # a sync is running in the worker thread
         self._sync_waiters: list[asyncio.Future[None]] = []
         self._sync_wanted = asyncio.Event()
         self.syncs = 0
+        # Engine inputs waiting for the input task (see `_process_inputs`).
+        self._urgent_inputs: deque[tuple[Callable[[], object], asyncio.Future[object]]] = deque()
+        self._bulk_inputs: deque[tuple[Callable[[], object], asyncio.Future[object]]] = deque()
+        self._inputs_ready = asyncio.Event()
+        self._inputs_task: asyncio.Task[None] | None = None
+        self._input_running = False
+        self._commit_round_scheduled = False
+        self._last_input_at = 0.0
+        self._inputs_sparse = True  # the last input came long after the one before (see `_idle_for_sync`)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -464,6 +576,8 @@ class ChainService:
             raise RuntimeError("chain service already started")
         for link in self.peers.values():
             self._tasks.append(asyncio.create_task(link.run(), name=f"peer-{link.node_id[-6:]}"))
+        self._inputs_task = asyncio.create_task(self._process_inputs(), name="chain-inputs")
+        self._tasks.append(self._inputs_task)
         self._tasks.append(asyncio.create_task(self._drive(), name="chain-driver"))
         if self._durability is not None:
             self._tasks.append(asyncio.create_task(self._sync_loop(), name="chain-sync"))
@@ -480,6 +594,10 @@ class ChainService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self._inputs_task = None
+        for queue in (self._urgent_inputs, self._bulk_inputs):
+            while queue:
+                queue.popleft()[1].cancel()
         if self._sync_executor is not None:
             self._sync_executor.shutdown(wait=True)  # an fsync under way finishes before the storage closes
         for waiter in self._sync_waiters:
@@ -497,8 +615,7 @@ class ChainService:
         while True:
             started = loop.time()
             try:
-                self.engine.tick(self._now_ns())
-                self._after_input()
+                await self._input(self._tick, urgent=True)
             except Exception as exc:
                 # The engine's state may be half updated: stop (the daemon restarts the service
                 # and it resumes from its durable storage) rather than run on corrupted state.
@@ -514,6 +631,68 @@ class ChainService:
             next_tick = max(next_tick + interval, loop.time())
             await asyncio.sleep(next_tick - loop.time())
 
+    def _tick(self) -> None:
+        self.engine.tick(self._now_ns())
+        self._after_input()
+
+    def _peer_delivered(self, node_id: str, up_to: int) -> None:
+        """A peer link delivered pushes of local entries up to `up_to` (see `Engine.peer_received`)."""
+
+        def received() -> None:
+            self.engine.peer_received(node_id, up_to, self._now_ns())
+            self._after_input()
+
+        task = asyncio.ensure_future(self._input(received, urgent=True))
+        task.add_done_callback(_log_failure)
+
+    # -- input scheduling -------------------------------------------------------------------------
+
+    async def _input(self, work: Callable[[], T], urgent: bool = False) -> T:
+        """Runs `work` (an engine input) in the input task, urgent ones first (at once when the task
+        does not run, as in tests)."""
+        now = time.monotonic()
+        self._inputs_sparse = now - self._last_input_at > SPARSE_INPUTS_GAP_S
+        self._last_input_at = now
+        if self._inputs_task is None or not (self._urgent_inputs or self._bulk_inputs or self._input_running):
+            # Nothing waiting and nothing running: no order to keep, run it here (saves two hops).
+            self._input_running = True
+            try:
+                return work()
+            finally:
+                self._input_running = False
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        (self._urgent_inputs if urgent else self._bulk_inputs).append((work, waiter))
+        self._inputs_ready.set()
+        return await waiter
+
+    async def _process_inputs(self) -> None:
+        """Engine inputs one at a time, urgent ones (block proposals and votes from peers, ticks)
+        before the others (appends, entry pushes, anti-entropy): a commit's messages do not wait
+        behind the bulk work that arrived before them. After each input the loop serves the rest
+        (network, new requests), so a newly arrived urgent input is next."""
+        urgent, bulk = self._urgent_inputs, self._bulk_inputs
+        while True:
+            if urgent:
+                work, waiter = urgent.popleft()
+            elif bulk:
+                work, waiter = bulk.popleft()
+            else:
+                self._inputs_ready.clear()
+                await self._inputs_ready.wait()
+                continue
+            if waiter.cancelled():
+                continue  # the caller gave up (deadline): nothing was done
+            self._input_running = True
+            try:
+                result = work()
+            except Exception as exc:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(result)
+            finally:
+                self._input_running = False
+            await asyncio.sleep(0)
+
     def _after_input(self) -> None:
         outbox = self.engine.take_outbox()
         events = self.engine.take_events()
@@ -525,12 +704,27 @@ class ChainService:
         elif outbox or events:
             # Sent and published once a sync covers the writes they depend on (and in order).
             self._held.append((outbox, events))
-            self._sync_wanted.set()
+            if self._idle_for_sync():
+                self._sync_now()
+            else:
+                self._sync_wanted.set()
+
+    def _idle_for_sync(self) -> bool:
+        """Inputs are sparse, no sync is under way and no input waits: a sync right away on the loop
+        costs less than the worker thread's hops (see `durable`). Under load, a sync on the loop
+        would stop everything for the disk's latency (milliseconds when the nodes all sync)."""
+        return self._inputs_sparse and not self._sync_running and not self._urgent_inputs and not self._bulk_inputs
 
     async def durable(self) -> None:
         """Returns once every write made so far is durable (at once without group commit)."""
         durability = self._durability
         if durability is None or not durability.has_unsynced_writes():
+            return
+        if self._idle_for_sync():
+            # Idle (nothing else to do, no sync under way): sync here, on the event loop. The worker
+            # thread's hop and the loop's wake-ups would cost more than the sync itself; group
+            # commit pays when inputs pile up, which is when the thread is used.
+            self._sync_now()
             return
         waiter = asyncio.get_running_loop().create_future()
         self._sync_waiters.append(waiter)
@@ -548,6 +742,7 @@ class ChainService:
             held, waiters = self._held, self._sync_waiters
             self._held, self._sync_waiters = [], []
             self._syncing = bool(held)
+            self._sync_running = True
             try:
                 await loop.run_in_executor(self._sync_executor, self._durability.sync)
             except Exception as exc:
@@ -559,6 +754,8 @@ class ChainService:
                 if self._on_fatal is not None:
                     self._on_fatal(exc)
                 return
+            finally:
+                self._sync_running = False
             self.syncs += 1
             for outbox, events in held:
                 self._release(outbox, events)
@@ -567,11 +764,34 @@ class ChainService:
                 if not waiter.done():
                     waiter.set_result(None)
 
+    def _sync_now(self) -> None:
+        """A sync on the event loop thread, then what waited for it (see `durable`)."""
+        assert self._durability is not None and not self._sync_running
+        held, waiters = self._held, self._sync_waiters
+        self._held, self._sync_waiters = [], []
+        try:
+            self._durability.sync()
+        except Exception as exc:
+            log.critical("storage sync failed; stopping the chain service", exc_info=exc)
+            self.fatal_error = exc
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(Unavailable("the chain storage failed"))
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+            raise Unavailable("the chain storage failed") from exc
+        self.syncs += 1
+        for outbox, events in held:
+            self._release(outbox, events)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _release(self, outbox: list[Outgoing], events: list[EngineEvent]) -> None:
         for outgoing in outbox:
             link = self.peers.get(outgoing.to_node_id)
             if link is not None:
-                link.offer(outgoing.message, outgoing.urgent)
+                link.offer(outgoing.message, outgoing.urgent, outgoing.own_up_to)
         if events and self._subscribers:
             # Built once per kind of subscription, shared by the subscribers of that kind.
             by_kind: dict[bool, list[chain_pb2.ChainEvent]] = {}
@@ -589,9 +809,30 @@ class ChainService:
         when this returns."""
         await self._replication_room()
         await self._commit_room()
-        operation_ids = self.append(entries)
+        operation_ids = await self._input(lambda: self.append(entries, commit_round=False))
         await self.durable()
+        # The proposal these entries may allow is made once the answer is on its way.
+        self._commit_round_after_append()
         return operation_ids
+
+    def _commit_round_after_append(self) -> None:
+        def commit_round() -> None:
+            self.engine.commit_round(self._now_ns())
+            self._after_input()
+
+        if self._inputs_task is None:
+            commit_round()
+            return
+        if self._commit_round_scheduled:
+            return  # one is already waiting: it will see these entries too
+        self._commit_round_scheduled = True
+
+        def run() -> None:
+            self._commit_round_scheduled = False  # from here on, new entries need a new round
+            commit_round()
+
+        task = asyncio.ensure_future(self._input(run, urgent=True))
+        task.add_done_callback(_log_failure)
 
     async def _commit_room(self) -> None:
         """Waits while too many entries wait to be committed (flow control)."""
@@ -634,7 +875,7 @@ class ChainService:
             except TimeoutError:
                 pass
 
-    def append(self, entries: Sequence[bytes]) -> list[int]:
+    def append(self, entries: Sequence[bytes], commit_round: bool = True) -> list[int]:
         """Appends entries; durable when this returns without group commit, else after `durable()`."""
         if not entries:
             raise InvalidArgument("append needs at least one entry")
@@ -644,12 +885,20 @@ class ChainService:
             if len(data) > MAX_ENTRY_BYTES:
                 raise InvalidArgument(f"entry {index} has {len(data)} bytes, over the {MAX_ENTRY_BYTES} limit")
         try:
-            return self.engine.append(list(entries), self._now_ns())
+            return self.engine.append(list(entries), self._now_ns(), commit_round)
         finally:
             self._after_input()
 
-    def deliver(self, envelope: chain_pb2.PeerEnvelope) -> None:
+    async def deliver_scheduled(self, envelope: chain_pb2.PeerEnvelope) -> None:
+        """`deliver` through the input scheduler, urgent first if the sender says so (the envelope is
+        authenticated right away, in the calling handler)."""
         message = open_envelope(envelope, self.cell, self.node_id, self._now_ns())
+        await self._input(lambda: self._deliver(envelope, message), urgent=envelope.urgent)
+
+    def deliver(self, envelope: chain_pb2.PeerEnvelope) -> None:
+        self._deliver(envelope, open_envelope(envelope, self.cell, self.node_id, self._now_ns()))
+
+    def _deliver(self, envelope: chain_pb2.PeerEnvelope, message: chain_pb2.PeerMessage) -> None:
         started = time.perf_counter()
         try:
             self.engine.on_message(envelope.from_node_id, message, self._now_ns())
@@ -801,11 +1050,13 @@ class ChainService:
                     caught_up=chain_pb2.CaughtUp(last_block_offset=horizon or 0, last_pending_operation_id=last_pending)
                 )
             while True:
-                event = await subscriber.next()
-                if event is None:
+                # Merged events never straddle the end of the overlap (`in_overlap` is for all of it).
+                item = await subscriber.next(max_events=overlap if overlap > 0 else 0)
+                if item is None:
                     break
+                event, count = item
                 in_overlap = overlap > 0
-                overlap -= 1
+                overlap -= count
                 if not in_overlap and replayed_pending:
                     replayed_pending.clear()
                 kind = event.WhichOneof("event")
@@ -848,7 +1099,7 @@ class ChainPeerServicer(chain_pb2_grpc.ChainPeerServicer):
     async def Deliver(
         self, request: chain_pb2.PeerEnvelope, context: grpc.aio.ServicerContext
     ) -> chain_pb2.DeliverResponse:
-        self._service.deliver(request)
+        await self._service.deliver_scheduled(request)
         return chain_pb2.DeliverResponse()
 
 

@@ -384,3 +384,42 @@ def test_whole_store_request_is_what_the_ranges_builder_makes(count):
         builder.push_operation(entry.op, OperationDetails.HASH)
     builder.set_last_range_upper(SyncBound(sync.push_horizon(now), True))
     assert sync._whole_store_request(now) == builder.request(0)
+
+
+def test_local_entries_the_peers_may_not_hold_wait_for_the_next_proposal():
+    nodes = Nodes()
+    proposer = nodes.turn_of()
+    other = (proposer + 1) % 3
+    mine = nodes.cell.entries(proposer, 3)
+    theirs = nodes.cell.entries(other, 2)
+    nodes.deliver(mine, to=[proposer])
+    nodes.deliver(theirs, to=[proposer])
+    manager = nodes.managers[proposer]
+    manager.set_peers_received_up_to(mine[0].operation_id)  # only the first push arrived
+    [proposal] = manager.tick(nodes.now()).new_operations
+    ids = manager.pending_blocks(nodes.now()).blocks[proposal.operation_id].operation_ids
+    assert set(ids) == {mine[0].operation_id} | {op.operation_id for op in theirs}
+    # Unknown again (or old enough): nothing waits.
+    manager.set_peers_received_up_to(None)
+    nodes.cell.time.advance(10 * NS_PER_S)
+    manager.tick(nodes.now())  # the first proposal expires
+    nodes.cell.time.advance(10 * NS_PER_S)
+    proposals = [op for op in manager.tick(nodes.now()).new_operations]
+    assert proposals, "a new proposal takes the entries that waited"
+
+
+def test_engine_reports_what_a_quorum_of_peers_received():
+    cell = Cell(n=5)
+    chain, pending = MemoryChainStore(), MemoryPendingStore()
+    chain.write_block(cell.genesis)
+    local = LocalChainNode(cell.ids[0], cell.keypairs[0])
+    engine = Engine(EngineConfig(), local, cell.cell, chain, pending, MemoryMetaStore(), cell.time)
+    now = cell.time.now_ns()
+    engine.peer_received(cell.ids[1], 100, now)
+    assert engine.commit_manager._peers_received_up_to is None  # a quorum of 5 needs 2 peers
+    engine.peer_received(cell.ids[2], 50, now)
+    assert engine.commit_manager._peers_received_up_to == 50
+    engine.peer_received(cell.ids[3], 80, now)
+    assert engine.commit_manager._peers_received_up_to == 80  # the second highest
+    engine.peer_received(cell.ids[3], 70, now)  # never goes back
+    assert engine.commit_manager._peers_received_up_to == 80

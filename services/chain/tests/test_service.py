@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 
 import pytest
@@ -239,16 +241,19 @@ async def test_pending_batches_carry_each_operation_once_across_the_replay():
 
 
 class FakeDurability:
-    """Writes are durable only after `sync()` (which the service runs in a worker thread)."""
+    """Writes are durable only after `sync()`, which waits for `proceed` (set by the test)."""
 
     def __init__(self) -> None:
         self.unsynced = False
         self.syncs = 0
+        self.proceed = threading.Event()
+        self.proceed.set()
 
     def has_unsynced_writes(self) -> bool:
         return self.unsynced
 
     def sync(self) -> None:
+        assert self.proceed.wait(5)
         self.syncs += 1
         self.unsynced = False
 
@@ -257,23 +262,67 @@ async def test_group_commit_answers_appends_and_publishes_only_after_a_sync():
     service = one_node_service()
     durability = FakeDurability()
     service._durability = durability  # type: ignore[attr-defined]
-    service._sync_executor = __import__("concurrent.futures").futures.ThreadPoolExecutor(1)  # type: ignore[attr-defined]
+    service._sync_executor = concurrent.futures.ThreadPoolExecutor(1)  # type: ignore[attr-defined]
     stream = service.subscribe(chain_pb2.SubscribeRequest(pending_batches=True))
     while kind(await anext(stream)) != "caught_up":
         pass
     sync_task = asyncio.create_task(service._sync_loop())  # type: ignore[attr-defined]
     try:
+        # Busy (an input waiting): the sync runs in the worker thread, and everything waits for it.
+        service._bulk_inputs.append((lambda: None, asyncio.get_running_loop().create_future()))  # type: ignore[attr-defined]
         durability.unsynced = True  # as if the append's writes were still in the OS only
+        durability.proceed.clear()
         ids = service.append([b"x"])
         waiting = asyncio.ensure_future(service.durable())
         next_event = asyncio.ensure_future(anext(stream))
-        # Held: nothing published, the append not answered, until the sync ran.
         await asyncio.sleep(0.05)
-        assert durability.syncs == 1 and waiting.done() and next_event.done()
+        assert not waiting.done() and not next_event.done()  # held until the sync
+        durability.proceed.set()
+        await asyncio.sleep(0.05)
+        assert durability.syncs >= 1 and waiting.done() and next_event.done()
         assert batch_ids(next_event.result()) == ids
+        # Idle: the sync runs at once, on the loop, before the append returns.
+        service._bulk_inputs.clear()  # type: ignore[attr-defined]
+        durability.unsynced = True
+        syncs = durability.syncs
+        more = service.append([b"y"])
+        assert durability.syncs == syncs + 1 and not durability.unsynced
+        assert batch_ids(await anext(stream)) == more
         # Without unsynced writes, outputs go out at once and nothing waits.
         await service.durable()
-        assert durability.syncs == 1
+        assert durability.syncs == syncs + 1
     finally:
         sync_task.cancel()
         await stream.aclose()
+
+
+async def test_queued_pending_batches_go_out_as_one_event():
+    service = one_node_service()
+    stream = service.subscribe(chain_pb2.SubscribeRequest(pending_batches=True))
+    while kind(await anext(stream)) != "caught_up":
+        pass
+    first = service.append([b"a"])
+    second = service.append([b"b", b"c"])  # queued while the stream was not reading
+    event = await anext(stream)
+    await stream.aclose()
+    assert batch_ids(event) == first + second
+
+
+def test_peer_link_merges_queued_pushes_of_local_entries():
+    from exochain.service import PeerLink
+
+    def push(first: int, count: int) -> chain_pb2.PeerMessage:
+        ranges = [chain_pb2.PendingSyncRange(from_operation=first, to_operation=first + count, operations_count=count)]
+        return chain_pb2.PeerMessage(pending_sync=chain_pb2.PendingSyncRequest(ranges=ranges, from_block_height=3))
+
+    link = PeerLink("peer", "127.0.0.1:1", None, ShellConfig())  # type: ignore[arg-type]
+    link.offer(push(10, 2), own_up_to=11)
+    link.offer(push(20, 2), own_up_to=21)
+    reply = chain_pb2.PeerMessage(pending_sync=chain_pb2.PendingSyncRequest(from_block_height=3))
+    link.offer(reply)  # not a push: sent on its own
+    link.offer(push(30, 2), own_up_to=31)
+    merged, up_to = link._take_bulk()
+    assert up_to == 21 and [r.from_operation for r in merged.pending_sync.ranges] == [10, 20]
+    assert link._take_bulk() == (reply, 0)
+    single, up_to = link._take_bulk()
+    assert up_to == 31 and [r.from_operation for r in single.pending_sync.ranges] == [30]

@@ -46,6 +46,11 @@ Where this port differs from the original, and why:
 * Blocks requests are paced on their own (one outstanding per leader and offset, re-sent after
   `request_min_interval_ns`), and a late duplicate answer is recognised (blocks we already hold with
   the same hash are skipped) rather than rejected.
+* Catch-up cost: blocks are served as stored (`ChainStore.encoded_blocks_from`: parsed by protobuf,
+  never decoded operation by operation), a received block keeps its serialisation (written as is),
+  and operation signatures are checked a batch at a time (`SignatureChecker.verify_many`). They are
+  still checked although a quorum signed the block (its signers checked them when they voted): a
+  cheap second line of defence against a quorum of faulty nodes.
 * A headers answer that no longer starts at our last common block (one side truncated, SPEC 2.10 case
   2) makes us forget that peer's metadata and ask again from the genesis.
 * The chain store has no segments, so headers are always sampled (first, every k-th, last).

@@ -81,6 +81,7 @@ from exochain.core.common import (
     META_CLEANUP_HEIGHT,
     META_CLEANUP_OFFSET,
     NS_PER_MS,
+    NS_PER_S,
     ChainCell,
     ChainSyncConfig,
     CommitManagerConfig,
@@ -115,6 +116,10 @@ MAX_OPERATIONS_PER_BLOCK = 10_000
 # Rounds (vote or commit, else propose) the engine lets one tick run while each makes progress: sign
 # and commit, propose the next block (and, alone in a one-node cell, sign and commit it too).
 ENGINE_ROUNDS_PER_TICK = 4
+
+# A local entry the peers are not known to hold waits at most this long before being proposed anyway
+# (a push lost, or the shell not reporting deliveries: see `CommitManager._propose`).
+UNDELIVERED_WAIT_MAX_NS = NS_PER_S
 
 
 class CommitManagerFatal(Internal):
@@ -433,18 +438,6 @@ class CommitIndex:
             self.proposals[operation_id] = entry.op
             self._parse(entry.op)
 
-    def _drop(self, operation_id: int) -> None:
-        """Forgets what was derived from the entry `operation_id` (not its proposal role)."""
-        self.entry_ids.discard(operation_id)
-        self.uncommitted.discard(operation_id)
-        self.waiting.discard(operation_id)
-        height = self.heights.pop(operation_id, None)
-        if height is not None:
-            bucket = self.by_height[height]
-            bucket.discard(operation_id)
-            if not bucket:
-                del self.by_height[height]
-
     def _set_height(self, operation_id: int, height: int) -> None:
         self.heights[operation_id] = height
         bucket = self.by_height.get(height)
@@ -560,6 +553,7 @@ class CommitManager:
         self._meta = meta
         self._new_operation_id = new_operation_id
         self._max_block_bytes = max_block_bytes
+        self._peers_received_up_to: int | None = None
         self._rounds_per_tick = rounds_per_tick
         self._proposer_signs_last = proposer_signs_last
         # Derived from the pending store and kept up to date across ticks (see `CommitIndex`).
@@ -594,7 +588,7 @@ class CommitManager:
                 if best is not None:
                     self._on_next_block(best, blocks, result)
                 elif self._should_propose(now_ns, blocks, last.head):
-                    self._propose(blocks, last.head, result)
+                    self._propose(blocks, last.head, result, now_ns)
                     if not self.cell.has_quorum(1):
                         # The proposer signs its proposal on a later call (a peer's signature, a tick),
                         # as the original: meanwhile it may see a concurrent older proposal (turns are
@@ -646,6 +640,10 @@ class CommitManager:
             cache[group_id] = (key, block)
             analysed.blocks[group_id] = block
         return analysed
+
+    def waits_for_operations(self) -> bool:
+        """Whether a proposal this node means to vote on waits for some of its operations."""
+        return any(self._missing.values())
 
     def is_my_turn(self, now_ns: int) -> bool:
         """Whether the local node may propose now; raises NotChainNode if it has no chain role."""
@@ -954,17 +952,37 @@ class CommitManager:
         # Entries neither committed nor in the chain, and in no proposal.
         return len(self.index.waiting) >= self.config.commit_maximum_pending_store_count
 
-    def _propose(self, blocks: PendingBlocks, last: BlockHeaderView, result: CommitResult) -> None:
+    def set_peers_received_up_to(self, operation_id: int | None) -> None:
+        """Local entries up to this id are known to be held by enough peers to make a quorum with this
+        node (the shell tracks its pushes; None: unknown, no restriction). See `_propose`."""
+        self._peers_received_up_to = operation_id
+
+    def _propose(self, blocks: PendingBlocks, last: BlockHeaderView, result: CommitResult, now_ns: int) -> None:
         """A proposal of the oldest entries neither committed nor in a committed proposal, within
-        `MAX_OPERATIONS_PER_BLOCK` operations and about `max_block_bytes` bytes (one at least)."""
+        `MAX_OPERATIONS_PER_BLOCK` operations and about `max_block_bytes` bytes (one at least).
+
+        Beyond the original: local entries the peers may not hold yet (pushed but not known delivered,
+        see `set_peers_received_up_to`) wait for the next proposal, unless older than
+        `UNDELIVERED_WAIT_MAX_NS`. The peers could not sign the block before those pushes arrived:
+        under load, their backlog made every vote wait a good part of a block's cycle."""
         ops: list[SignedOp] = []
         size = 0
         get = self._pending.get
+        received_up_to = self._peers_received_up_to
+        me = self.local.node_id
+        old_enough = now_ns - UNDELIVERED_WAIT_MAX_NS
         for operation_id in sorted(self.index.uncommitted):
             if blocks.in_committed_proposal(operation_id):
                 continue
             entry = get(operation_id)
             assert entry is not None and entry.committed is None, "the commit index is out of date"
+            if (
+                received_up_to is not None
+                and operation_id > received_up_to
+                and _time_ns(operation_id) > old_enough
+                and entry.op.operation.node_id == me
+            ):
+                continue
             op_size = entry.op.encoded_size_max
             if ops and size + op_size > self._max_block_bytes:
                 break

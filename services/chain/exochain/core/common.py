@@ -115,6 +115,9 @@ class Outgoing:
     to_node_id: str
     message: chain_pb2.PeerMessage
     urgent: bool = False
+    # For a push of local entries: the highest id it carries. Once the shell delivered it (and the
+    # pushes before it), it reports that id (`Engine.peer_received`).
+    own_up_to: int = 0
 
 
 @dataclass

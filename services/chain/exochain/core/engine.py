@@ -9,8 +9,9 @@ Order inside a tick, as the original: chain sync first; the commit manager and t
 only run while the chain is synchronized (so a node that is behind never signs or revives stale
 operations); an out-of-sync verdict from the commit manager resets chain sync.
 
-Beyond the original, the commit manager also runs right after an append and after a message that
-brought new pending operations (a proposal, a vote, entries), without its cleanup: each step of a
+Beyond the original, the commit manager also runs right after an append (`commit_round`, which the
+shell runs once the append is answered) and after a message that brought new pending operations (a
+proposal, a vote; entries when they matter to it), without its cleanup: each step of a
 commit (propose, sign, commit, next proposal) then follows the message that enables it instead of
 waiting for the next tick of the node concerned. Its rounds cost what changed (see
 `CommitIndex`), so running it that often is cheap. Its own new operations (proposals, votes) are
@@ -128,13 +129,17 @@ class Engine:
         )
         self._outbox: list[Outgoing] = []
         self._events: list[EngineEvent] = []
+        # Per chain peer: the highest local entry id the shell delivered to it (`peer_received`).
+        self._peers_received: dict[str, int] = {}
         if chain.last_block() is None:
             log.warning("chain of cell %s has no genesis block; waiting to download it", cell.cell_id)
 
     # -- inputs -------------------------------------------------------------------------------
 
-    def append(self, entries: Sequence[bytes], now_ns: int) -> list[int]:
-        """New entries of this node: signed as one batch and stored durably before returning their ids."""
+    def append(self, entries: Sequence[bytes], now_ns: int, commit_round: bool = True) -> list[int]:
+        """New entries of this node: signed as one batch and stored durably before returning their ids.
+        `commit_round`: then run `commit_round` (a shell that answers first and runs it right after
+        passes False)."""
         if not entries:
             raise InvalidArgument("append needs at least one entry")
         for index, data in enumerate(entries):
@@ -149,9 +154,15 @@ class Engine:
         # Pushed right away while synchronized; otherwise the periodic range sync carries them later.
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
             self._outbox.extend(self.pending_sync.handle_new_operations(ops, now_ns))
-            # If it is our turn and enough entries wait, the proposal goes out now, not at the next tick.
-            self._run_commit_manager(now_ns, cleanup=False)
+        if commit_round:
+            self.commit_round(now_ns)
         return [op.operation_id for op in ops]
+
+    def commit_round(self, now_ns: int) -> None:
+        """After local appends: if it is our turn and enough entries wait, the proposal goes out now,
+        not at the next tick (new local entries change nothing else for the commit manager)."""
+        if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED and self.commit_manager.is_my_turn(now_ns):
+            self._run_commit_manager(now_ns, cleanup=False)
 
     def on_message(self, from_node_id: str, message: chain_pb2.PeerMessage, now_ns: int) -> None:
         """A message from another chain node (already authenticated by the shell)."""
@@ -168,9 +179,15 @@ class Engine:
             self._outbox.extend(outgoing)
             if new_ops:
                 self._events.append(NewPendingOperations(new_ops))
-                # A proposal, a vote or entries arrived: sign, commit or propose now rather than at the
-                # next tick (each step of a commit would otherwise wait for a tick of the node concerned).
-                self._run_commit_manager(now_ns, cleanup=False)
+                # A proposal or a vote arrived: sign or commit now rather than at the next tick (each
+                # step of a commit would otherwise wait for a tick of the node concerned). Entries only
+                # matter to the proposer, or to a proposal waiting for them.
+                if (
+                    self.commit_manager.waits_for_operations()
+                    or self.commit_manager.is_my_turn(now_ns)
+                    or any(op.operation.WhichOneof("kind") != "entry" for op in new_ops)
+                ):
+                    self._run_commit_manager(now_ns, cleanup=False)
         elif kind == "chain_sync_request":
             self._outbox.extend(self.chain_sync.handle_request(from_node_id, message.chain_sync_request, now_ns))
         elif kind == "chain_sync_response":
@@ -199,6 +216,22 @@ class Engine:
     def take_events(self) -> list[EngineEvent]:
         events, self._events = self._events, []
         return events
+
+    def peer_received(self, node_id: str, up_to: int, now_ns: int) -> None:
+        """The shell delivered to `node_id` every push of local entries up to that id. Local entries
+        are proposed once enough peers to make a quorum with this node hold them (see
+        `CommitManager._propose`); this may make a proposal possible now."""
+        if node_id == self.local.node_id or not self.cell.is_chain_node(node_id):
+            return
+        if up_to <= self._peers_received.get(node_id, 0):
+            return
+        self._peers_received[node_id] = up_to
+        peers = len(self.cell.chain_node_keys) - 1
+        needed = next((k for k in range(peers + 1) if self.cell.has_quorum(k + 1)), peers)
+        marks = sorted(self._peers_received.values(), reverse=True)
+        self.commit_manager.set_peers_received_up_to(marks[needed - 1] if 0 < needed <= len(marks) else None)
+        if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED and self.commit_manager.is_my_turn(now_ns):
+            self._run_commit_manager(now_ns, cleanup=False)
 
     def uncommitted_entries(self) -> int:
         """Entries of the pending store neither committed nor in the chain (as of the last commit

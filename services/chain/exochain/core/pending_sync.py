@@ -427,7 +427,8 @@ class PendingSynchronizer:
         outgoing: list[Outgoing] = []
         for chunk in _chunks_by_size(sorted(ops, key=lambda op: op.operation_id), PUSH_BYTES_MAX):
             message = _peer_message(self._push_request(chunk, from_height))
-            outgoing.extend(Outgoing(peer_id, message, urgent) for peer_id in peer_ids)
+            last_id = chunk[-1].operation_id
+            outgoing.extend(Outgoing(peer_id, message, urgent, last_id) for peer_id in peer_ids)
         self._requests_sent += len(outgoing)
         return outgoing
 
