@@ -36,6 +36,7 @@ from exocommon.grpc_util import (
 )
 from exocommon.grpc_util.errors import INTERNAL_ERROR_DETAILS
 from exocommon.grpc_util.logging import KeyValueFormatter, parse_level
+from exocommon.grpc_util.server import MIN_PING_INTERVAL_OPTION
 
 SERVICE = "test.Echo"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -479,3 +480,44 @@ async def test_sigterm_graceful_shutdown() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def _idle_stream_survives_pings(server_options: list[tuple[str, int]], seconds: float) -> bool:
+    """Whether a health Watch stream (no data after its first answer) stays open for `seconds` while
+    the client pings every 200 ms."""
+    server = ServiceServer("pings", "127.0.0.1:0", drain_delay_s=0.0, grace_s=0.2, options=server_options)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[
+            ("grpc.keepalive_time_ms", 200),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    try:
+        await call.read()  # SERVING
+
+        async def rest() -> None:
+            await call.read()
+
+        try:
+            await asyncio.wait_for(rest(), timeout=seconds)
+        except TimeoutError:
+            return True  # still open, nothing more to read
+        except grpc.aio.AioRpcError:
+            return False  # GOAWAY too_many_pings ends the stream
+        return False
+    finally:
+        call.cancel()
+        await channel.close()
+        await server.stop()
+
+
+async def test_server_accepts_client_keepalive_pings_on_idle_streams():
+    # The key ServiceServer sets is the one grpc core reads: with it lowered, frequent pings on an idle
+    # stream are fine; with the server's default (10 s), the same pings get the stream cut.
+    # (grpc cuts after a few strikes: about 3-4 s at this ping rate.)
+    assert await _idle_stream_survives_pings([(MIN_PING_INTERVAL_OPTION, 100)], 6.0)
+    assert not await _idle_stream_survives_pings([], 6.0)

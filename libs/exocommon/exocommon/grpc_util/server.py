@@ -61,6 +61,13 @@ def _split_bind(bind: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# How often a client may ping on a connection that carries no data (e.g. an idle Subscribe stream)
+# before the server answers GOAWAY too_many_pings. grpc core reads this exact key and ignores unknown
+# ones silently: a misspelt key left the 5 min default, and every store's chain subscription was cut
+# after 90 s of quiet.
+MIN_PING_INTERVAL_OPTION = "grpc.http2.min_ping_interval_without_data_ms"
+
+
 class ServiceServer:
     """See the module docstring."""
 
@@ -130,7 +137,7 @@ class ServiceServer:
             # Accept the clients' keepalive pings (every 30 s, also on idle streams); the
             # default policy answers pings more frequent than 5 min with GOAWAY too_many_pings.
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            (MIN_PING_INTERVAL_OPTION, 10_000),
             # Detect dead clients holding long-lived streams.
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
