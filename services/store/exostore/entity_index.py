@@ -78,7 +78,7 @@ from exocommon.sealed import SealedPayloadError, open_sealed
 from exocore.chain.v1 import chain_pb2
 from exocore.store import entity_pb2, mutation_pb2, query_pb2
 from exostore.aggregator import EntityAggregator
-from exostore.mutation_index import MutationIndex
+from exostore.mutation_index import DocumentCache, MutationIndex
 from exostore.payloads import BlockRef, PayloadStore, Progress
 from exostore.registry import TraitRegistry, type_name_from_url
 from exostore.schema import IndexSchema
@@ -262,6 +262,7 @@ class EntityIndex:
         self._key = data_key
         self._monotonic = monotonic
         self.schema = IndexSchema(registry)
+        self._documents = DocumentCache()  # built for the pending index, reused by the chain index
         self._chain_path = self.store_dir / CHAIN_INDEX_DIR
         self._undecodable: set[int] = set()
 
@@ -560,7 +561,7 @@ class EntityIndex:
                 last_pending = max(last_pending, event.entry.operation_id)
                 add(event.entry)
         if ops:
-            target.apply(ops)
+            target.apply(ops, self._documents)
         added -= skipped
         target_ops.update(added)
         update.indexed.extend(added)
@@ -640,7 +641,7 @@ class EntityIndex:
                 if mutation.WhichOneof("mutation") == "delete_operations":
                     deleted_targets.extend(mutation.delete_operations.operation_ids)
         if chain_ops:
-            self.chain.apply(chain_ops)
+            self.chain.apply(chain_ops, self._documents)
         for index, ops_set in ((self.pending, self._pending_ops), (self._building, self._building_ops)):
             if index is None:
                 continue

@@ -87,6 +87,7 @@ ENTITY_MUTATIONS_FIRST = 64
 REFRESH_INTERVAL = 1.0  # seconds between searcher reloads picking up background merges
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
 SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
+DOCUMENT_CACHE_SIZE = 20_000  # pending documents kept for the chain index (~2 KB each for a note)
 
 
 def recency_boost(now_ns: int, date_ns: int) -> float:
@@ -132,6 +133,42 @@ def _meta_from_doc(doc: dict[str, list[object]]) -> _Meta:
     return entity_id, mtype, None if block_offset is None else int(block_offset)  # type: ignore[call-overload]
 
 
+_SHAREABLE = (PutTraitOperation, TraitTombstoneOperation, EntityTombstoneOperation)
+
+
+class DocumentCache:
+    """Documents built for the pending index, without block offset, by operation id, for the chain index to
+    take when the operation's block is deep enough: a document depends only on its operation and the trait
+    registry (apart from the block offset), so the trait message is unpacked and mapped once instead of once
+    per index. A document built under another registry version is not reused (a schema registered since
+    may map more fields).
+
+    Bounded (`capacity`, oldest dropped first): a missing document is simply built again. Used by the
+    indexing thread only."""
+
+    def __init__(self, capacity: int = DOCUMENT_CACHE_SIZE) -> None:
+        self._docs: dict[int, tuple[int, tantivy.Document]] = {}
+        self._capacity = capacity
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def get(self, operation_id: int, version: int) -> tantivy.Document | None:
+        entry = self._docs.get(operation_id)
+        return entry[1] if entry is not None and entry[0] == version else None
+
+    def put(self, operation_id: int, version: int, doc: tantivy.Document) -> None:
+        docs = self._docs
+        docs[operation_id] = (version, doc)
+        while len(docs) > self._capacity:
+            del docs[next(iter(docs))]
+
+    def take(self, operation_id: int, version: int) -> tantivy.Document | None:
+        """Removes and returns the document (the caller may add fields to it)."""
+        entry = self._docs.pop(operation_id, None)
+        return entry[1] if entry is not None and entry[0] == version else None
+
+
 class MutationIndex:
     """One mutation index (pending: `path=None`, in RAM; chain: on disk at `path`)."""
 
@@ -170,6 +207,11 @@ class MutationIndex:
         self._meta_cache: dict[int, _Meta] = {}
         self._meta_cache_size = metadata_cache_size
         self._highest_block: tuple[int, int | None] | None = None  # (generation, value)
+        # RAM index only, as committed: the entity id of each operation having one document here, and the
+        # operations having several (absent from both: none), so that removing operations (moved to the
+        # chain index) needs no search and no stored-document load.
+        self._single: dict[int, str] | None = {} if self.path is None else None
+        self._several: set[int] = set()
         self._index.reload()
         self._searcher = self._index.searcher()
         self._last_reload = time.monotonic()
@@ -185,19 +227,23 @@ class MutationIndex:
 
     # --- writing --------------------------------------------------------------------------------------
 
-    def apply(self, ops: Sequence[IndexOperation]) -> int:
+    def apply(self, ops: Sequence[IndexOperation], documents: DocumentCache | None = None) -> int:
         """Apply index operations in order (one commit), then make them visible to searches.
 
-        Returns the number of documents added plus the number removed by `DeleteOperationsOperation`s."""
+        `documents`: documents of operations without block offset are kept there, and operations with one
+        take theirs from there (see `DocumentCache`). Returns the number of documents added plus the
+        number removed by `DeleteOperationsOperation`s."""
         if not ops:
             return 0
         with self._write_lock:
             writer = self._writer
             if writer is None:
                 raise FailedPrecondition("mutation index is closed")
+            single, several = self._single, self._several  # committed state (RAM index only)
             touched: set[str] = set()
             removed_ops: set[int] = set()
             added_ops: dict[int, str] = {}
+            batch_docs: dict[int, tuple[str, int]] = {}  # entity id, documents added since its last removal
             changed = 0
             try:
                 for op in ops:
@@ -205,12 +251,20 @@ class MutationIndex:
                         ids = list(dict.fromkeys(op.operation_ids))
                         if not ids:
                             continue
-                        for _operation_id, meta in self._docs_for_operations(ids):
-                            touched.add(meta[0])
-                            changed += 1
+                        lookup: list[int] = []
                         for operation_id in ids:
                             if operation_id in added_ops:  # added earlier in this batch
                                 touched.add(added_ops.pop(operation_id))
+                                changed += 1
+                            if single is None or operation_id in several:
+                                lookup.append(operation_id)
+                            elif operation_id in single:  # no search, no stored-document load
+                                touched.add(single[operation_id])
+                                changed += 1
+                            batch_docs.pop(operation_id, None)
+                        if lookup:
+                            for _operation_id, meta in self._docs_for_operations(lookup):
+                                touched.add(meta[0])
                                 changed += 1
                         # (delete_documents_by_term silently misses u64 fields given a Python int)
                         writer.delete_documents_by_query(
@@ -218,14 +272,28 @@ class MutationIndex:
                         )
                         removed_ops.update(ids)
                         continue
-                    writer.add_document(self._document(op))
-                    added_ops[op.operation_id] = op.entity_id
-                    touched.add(op.entity_id)
+                    writer.add_document(self._document_for(op, documents))
+                    operation_id, entity_id = op.operation_id, op.entity_id
+                    added_ops[operation_id] = entity_id
+                    batch_docs[operation_id] = (entity_id, batch_docs.get(operation_id, ("", 0))[1] + 1)
+                    touched.add(entity_id)
                     changed += 1
                 writer.commit()
             except BaseException:
                 writer.rollback()  # nothing of a failed batch stays pending in the writer
                 raise
+            if single is not None:
+                for operation_id in removed_ops:  # every document committed before the removal is gone
+                    single.pop(operation_id, None)
+                    several.discard(operation_id)
+                for operation_id, (entity_id, count) in batch_docs.items():
+                    if operation_id in single or operation_id in several:
+                        single.pop(operation_id, None)
+                        several.add(operation_id)
+                    elif count == 1:
+                        single[operation_id] = entity_id
+                    else:
+                        several.add(operation_id)
             with self._cache_lock:
                 self._index.reload()
                 self._searcher = self._index.searcher()
@@ -243,6 +311,23 @@ class MutationIndex:
         query = terms_query(self.schema, F_OPERATION_ID, operation_ids)
         hits = searcher.search(query, max(1, 2 * len(operation_ids)), count=False, order_by_field=F_OPERATION_ID).hits
         return [(int(value), self._meta(searcher, int(value), addr)) for value, addr in hits]
+
+    def _document_for(self, op: IndexOperation, documents: DocumentCache | None) -> tantivy.Document:
+        """`op`'s document, shared through `documents` between the pending and the chain index."""
+        if documents is None or not isinstance(op, _SHAREABLE):
+            return self._document(op)
+        block_offset, version = op.block_offset, self.registry.version
+        if block_offset is None:
+            doc = documents.get(op.operation_id, version)
+            if doc is None:
+                doc = self._document(op)
+                documents.put(op.operation_id, version, doc)
+            return doc  # the writer copies it: the cached one stays without block offset
+        doc = documents.take(op.operation_id, version)
+        if doc is None:
+            return self._document(op)
+        doc.add_unsigned(F_BLOCK_OFFSET, block_offset)
+        return doc
 
     def _document(self, op: IndexOperation) -> tantivy.Document:
         if not isinstance(op, _DOCUMENT_OPERATIONS):

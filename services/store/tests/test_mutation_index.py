@@ -3,6 +3,7 @@ fuzzy rule, field predicate and range, references, tombstones, deletions, paging
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from google.protobuf.message import Message
 from exocommon.errors import FailedPrecondition, InvalidArgument
 from exocore.store import entity_pb2, query_pb2
 from exocore.test import test_pb2
-from exostore.mutation_index import MutationIndex, recency_boost
+from exostore.mutation_index import DocumentCache, MutationIndex, recency_boost
 from exostore.registry import TraitRegistry
 from exostore.schema import IndexSchema
 from exostore.types import (
@@ -489,6 +490,87 @@ def test_delete_operations_removes_documents():
     assert index.apply([put(5, "e5", tm()), DeleteOperationsOperation((5,))]) == 2
     assert search(index, ids=Q.IdsPredicate(ids=["e5"])).total == 0
     assert index.apply([]) == 0
+
+
+def test_delete_operations_counts_match_a_disk_index(tmp_path):
+    """The RAM index counts removals from its own bookkeeping (no search): same counts, documents and entity
+    caches as the on-disk index, which searches, including operations indexed twice or re-added."""
+    indices = [new_index(), new_index(tmp_path / "disk")]
+    batches = [
+        [put(op, f"e{op % 2}", tm(string1="a"), trait_id=f"t{op}") for op in (1, 2, 3, 4)],
+        [put(2, "e0", tm(string1="a"), trait_id="t2")],  # operation 2 now has two documents
+        [DeleteOperationsOperation((1, 2, 99))],
+        [put(5, "e1", tm()), DeleteOperationsOperation((5, 3)), put(5, "e1", tm())],  # 5 re-added after removal
+        [DeleteOperationsOperation((5, 4)), DeleteOperationsOperation((4,))],
+        [put(6, "e6", tm()), put(6, "e6", tm())],
+        [DeleteOperationsOperation((6,))],
+    ]
+    for batch in batches:
+        counts = [index.apply(batch) for index in indices]
+        assert counts[0] == counts[1], batch
+        assert [ops(search(index, all=Q.AllPredicate())) for index in indices][0] == ops(
+            search(indices[1], all=Q.AllPredicate())
+        )
+        for entity in ("e0", "e1", "e6"):
+            assert indices[0].operation_ids_for_entity(entity) == indices[1].operation_ids_for_entity(entity)
+    assert indices[0].count() == indices[1].count() == 0
+
+
+def test_shared_document_indexes_the_same_fields(tmp_path):
+    """A chain document taken from the pending index's `DocumentCache` holds exactly the fields of one built
+    from the operation, block offset included; the pending index keeps its copy without it."""
+    cache = DocumentCache()
+    pending, chain, fresh = new_index(), new_index(tmp_path / "chain"), new_index(tmp_path / "fresh")
+    msg = tm(string1="Foo Bar", string3="folder1", uint3=7, date3=ts(5 * DAY))
+    msg.struct1.string1 = "nested words"
+    msg.ref1.entity_id, msg.ref1.trait_id = "e9", "t9"
+    operations = [
+        put(1, "e1", msg, created=DAY, modified=2 * DAY),
+        TraitTombstoneOperation(2, None, "e1", "t1"),
+        EntityTombstoneOperation(3, None, "e2"),
+    ]
+    pending.apply([*operations, PendingDeletionOperation(4, "e3")], cache)
+    assert len(cache) == 3  # a pending deletion marker never goes to the chain index
+    in_block = [dataclasses.replace(op, block_offset=7) for op in operations]
+    shared = [chain._document_for(op, cache) for op in in_block]
+    assert len(cache) == 0
+    for doc, op in zip(shared, in_block, strict=True):
+        expected = fresh._document(op).to_dict()
+        assert {k: sorted(map(str, v)) for k, v in doc.to_dict().items()} == {
+            k: sorted(map(str, v)) for k, v in expected.items()
+        }
+    chain.apply(in_block, DocumentCache())
+    fresh.apply(in_block)
+    for query in (
+        Q.EntityQuery(all=Q.AllPredicate()),
+        Q.EntityQuery(match=Q.MatchPredicate(query="nested foo")),
+        Q.EntityQuery(trait=field("string3", string="folder1")),
+        Q.EntityQuery(
+            trait=Q.TraitPredicate(
+                trait_name=TM,
+                query=Q.TraitQuery(
+                    reference=Q.TraitFieldReferencePredicate(
+                        field="ref1", reference=Q.ReferencePredicate(entity_id="e9")
+                    )
+                ),
+            )
+        ),
+    ):
+        got, want = chain.search(query, 10), fresh.search(query, 10)
+        assert [(m.operation_id, m.block_offset, m.mutation_type) for m in got.mutations] == [
+            (m.operation_id, m.block_offset, m.mutation_type) for m in want.mutations
+        ]
+    assert [m.block_offset for m in search(pending, all=Q.AllPredicate()).mutations] == [None] * 4
+
+
+def test_document_cache_is_bounded_and_versioned():
+    cache = DocumentCache(capacity=2)
+    docs = [new_index()._document(put(op, "e", tm())) for op in (1, 2, 3)]
+    for op, doc in zip((1, 2, 3), docs, strict=True):
+        cache.put(op, 0, doc)
+    assert len(cache) == 2 and cache.get(1, 0) is None  # the oldest went first
+    assert cache.get(2, 1) is None  # built under another registry version
+    assert cache.take(3, 0) is docs[2] and cache.take(3, 0) is None
 
 
 def test_fetch_entity_mutations_sorted_dedup_and_invalidated():
