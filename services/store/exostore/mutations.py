@@ -9,17 +9,21 @@ not parse), a delete without trait or entity id, a mutation too big for one chai
 an `InvalidArgument` naming the mutation's index. Then, as SPEC 3.2: an empty entity id reuses the
 previous mutation's when `common_entity_id` is set, else gets ``et<uuid>``; an empty trait id of a put
 gets ``trt<uuid>``.
+
+`AppendBatcher` is the group commit of the Mutate path: the sealed entries of concurrent requests go
+to the chain in one `ChainLog.Append` (one RPC, one input and one disk sync on the chain for the
+lot), each request getting back its own operation ids.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from google.protobuf.message import DecodeError
 
-from exocommon.errors import InvalidArgument
+from exocommon.errors import Internal, InvalidArgument
 from exocommon.ids import generate_entity_id, generate_trait_id
 from exocore.store import mutation_pb2
 from exostore.registry import TraitRegistry, type_name_from_url
@@ -119,6 +123,133 @@ def prepare_mutations(
     return prepared
 
 
+class _PendingAppend:
+    __slots__ = ("entries", "size", "future")
+
+    def __init__(self, entries: list[bytes], future: asyncio.Future[list[int]]) -> None:
+        self.entries = entries
+        self.size = sum(len(entry) for entry in entries)
+        self.future = future
+
+
+class AppendBatcher:
+    """Group commit: gathers the entries of concurrent appends into one chain `Append` (event loop only).
+
+    With nothing in flight an append is sent at once (no added latency when alone); while
+    `max_in_flight` Appends are in flight, new appends wait and then leave together in the next one,
+    in arrival order, up to `max_entries` entries and `max_bytes` bytes (one append alone always goes,
+    whatever its size). Each caller gets the ids of its own entries, or the batch's error. One append's
+    entries are never split over two Appends, so a request stays all or nothing.
+
+    `send(entries)` performs one Append and returns one id per entry (or raises an `ExocoreError`).
+    If a batch of several appends fails with `InvalidArgument` (which writes nothing), each append is
+    sent again alone, so that only the one at fault gets the error. A caller cancelled while waiting
+    is left out of the batch; one cancelled once its batch is sent does not stop the batch.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[bytes]], Awaitable[list[int]]],
+        *,
+        max_in_flight: int = 1,
+        max_entries: int = MAX_MUTATIONS,
+        max_bytes: int = MAX_REQUEST_ENTRY_BYTES,
+    ) -> None:
+        if max_in_flight < 1 or max_entries < 1 or max_bytes < 1:
+            raise ValueError("max_in_flight, max_entries and max_bytes must be at least 1")
+        self._send = send
+        self.max_in_flight = max_in_flight
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._waiting: deque[_PendingAppend] = deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.appends_sent = 0  # Append calls made (for tests and statistics)
+
+    async def append(self, entries: Sequence[bytes]) -> list[int]:
+        """The operation ids of `entries` (in order), once the chain has them durably."""
+        if not entries:
+            raise InvalidArgument("append needs at least one entry")
+        pending = _PendingAppend(list(entries), asyncio.get_running_loop().create_future())
+        self._waiting.append(pending)
+        self._start_batches()
+        return await pending.future
+
+    def _start_batches(self) -> None:
+        while self._in_flight < self.max_in_flight:
+            batch = self._next_batch()
+            if not batch:
+                return
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch), name="chain-append")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _next_batch(self) -> list[_PendingAppend]:
+        batch: list[_PendingAppend] = []
+        count = size = 0
+        while self._waiting:
+            pending = self._waiting[0]
+            if pending.future.done():  # its caller was cancelled
+                self._waiting.popleft()
+                continue
+            if batch and (count + len(pending.entries) > self.max_entries or size + pending.size > self.max_bytes):
+                break
+            self._waiting.popleft()
+            batch.append(pending)
+            count += len(pending.entries)
+            size += pending.size
+        return batch
+
+    async def _run(self, batch: list[_PendingAppend]) -> None:
+        try:
+            await self._send_batch(batch)
+        finally:
+            self._in_flight -= 1
+            self._start_batches()
+
+    async def _send_batch(self, batch: list[_PendingAppend]) -> None:
+        entries = batch[0].entries if len(batch) == 1 else [e for pending in batch for e in pending.entries]
+        try:
+            self.appends_sent += 1
+            ids = await self._send(entries)
+            if len(ids) != len(entries):
+                raise Internal(f"the chain answered {len(ids)} operation ids for {len(entries)} entries")
+        except InvalidArgument as exc:
+            if len(batch) == 1:
+                _settle(batch[0].future, error=exc)
+                return
+            # Nothing was written: find the append at fault by sending each alone.
+            await asyncio.gather(*(self._send_batch([pending]) for pending in batch))
+            return
+        except BaseException as exc:  # every caller of the batch gets the failure
+            for pending in batch:
+                _settle(pending.future, error=exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for pending in batch:
+            end = start + len(pending.entries)
+            _settle(pending.future, result=ids[start:end])
+            start = end
+
+
+def _settle(
+    future: asyncio.Future[list[int]], result: list[int] | None = None, error: BaseException | None = None
+) -> None:
+    if future.done():  # the caller was cancelled: nobody waits for this
+        return
+    if error is not None:
+        if isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(error)
+    else:
+        assert result is not None
+        future.set_result(result)
+
+
 class _Waiter:
     __slots__ = ("event", "remaining")
 
@@ -195,6 +326,7 @@ class OperationTracker:
 
 
 __all__ = [
+    "AppendBatcher",
     "MAX_MUTATIONS",
     "MAX_MUTATION_BYTES",
     "OperationTracker",

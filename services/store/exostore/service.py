@@ -2,7 +2,8 @@
 
 * **Mutate**: the whole request is validated and gets its ids (`mutations.prepare_mutations`);
   each `EntityMutation` is sealed with the cell data key and all of them go to the chain in **one**
-  `ChainLog.Append` (durable on the chain node when it answers). `wait_indexed` / `return_entities`
+  `ChainLog.Append` (durable on the chain node when it answers), shared with the concurrent
+  requests' mutations (group commit: `mutations.AppendBatcher`). `wait_indexed` / `return_entities`
   then wait until the pending index has every operation (`INDEX_TIMEOUT_S`, else
   DEADLINE_EXCEEDED naming the written operation ids); `wait_committed` waits until they are in a
   committed block (block events of the tail, and a `GetOperations` poll in case the tail lags);
@@ -36,7 +37,7 @@ from exocore.store import mutation_pb2, query_pb2
 from exocore.store.v1 import entity_store_pb2, entity_store_pb2_grpc
 from exostore.entity_index import EntityIndex, IndexUpdate
 from exostore.gc import GarbageCollector
-from exostore.mutations import OperationTracker, prepare_mutations
+from exostore.mutations import AppendBatcher, OperationTracker, prepare_mutations
 from exostore.registry import TraitRegistry
 from exostore.watches import WatchRegistry
 
@@ -72,6 +73,8 @@ class StoreService:
         self.gc = gc
         self.index_timeout_s = index_timeout_s
         self.tracker = OperationTracker()
+        # Concurrent Mutate calls share one chain Append (group commit, see `AppendBatcher`).
+        self.appends = AppendBatcher(self._append_entries)
         self.watches = WatchRegistry(self._search, registry, query_parallelism, mapping_of=index.schema.mapping)
 
     # -- index updates (from the tailer, on the event loop) ---------------------------------------
@@ -132,8 +135,12 @@ class StoreService:
         return result
 
     async def append(self, mutations: Sequence[mutation_pb2.EntityMutation]) -> list[int]:
-        """Seals and appends prepared mutations in one `Append`; their operation ids."""
-        entries = [seal(self._key, m.SerializeToString()) for m in mutations]
+        """Seals prepared mutations and appends them together (in one `Append`, maybe with other
+        requests' mutations); their operation ids."""
+        key = self._key
+        return await self.appends.append([seal(key, m.SerializeToString()) for m in mutations])
+
+    async def _append_entries(self, entries: list[bytes]) -> list[int]:
         try:
             response = await self.chain.Append(chain_pb2.AppendRequest(entries=entries), timeout=APPEND_DEADLINE_S)
         except grpc.aio.AioRpcError as exc:
