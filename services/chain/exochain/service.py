@@ -1006,6 +1006,10 @@ class ChainService:
 
     # -- subscriptions ----------------------------------------------------------------------------
 
+    def _holds_block(self, offset: int, block_hash: bytes) -> bool:
+        header = self.engine.chain.get_header(offset)
+        return header is not None and header.hash == block_hash
+
     async def subscribe(self, request: chain_pb2.SubscribeRequest) -> AsyncIterator[chain_pb2.ChainEvent]:
         """Replay, CaughtUp, then live events (see module docstring)."""
         if len(self._subscribers) >= self.config.subscribers_max:
@@ -1016,6 +1020,13 @@ class ChainService:
         try:
             # Blocks after `horizon` were not sent yet; None = none sent, from the genesis on.
             horizon: int | None = request.from_block_offset if request.has_from_block_offset else None
+            resume_hash = request.from_block_hash
+            if horizon is not None and resume_hash and not self._holds_block(horizon, resume_hash):
+                # The subscriber's last block is not ours (a fork since dropped): everything it
+                # derived from blocks may be wrong, so it forgets it all and gets the chain again.
+                log.info("a subscriber resumed after a block this node does not hold; it replays from the genesis")
+                yield chain_pb2.ChainEvent(truncated=chain_pb2.ChainTruncated(from_offset=0))
+                horizon = None
             while True:
                 start = 0 if horizon is None else horizon + 1
                 batch = list(itertools.islice(self.engine.chain.blocks_from(start), REPLAY_BATCH_BLOCKS))

@@ -170,6 +170,32 @@ async def test_resume_skips_what_the_subscriber_has():
     assert pending_id(events[0]) == later[0]
 
 
+async def test_a_subscriber_resuming_after_a_block_this_node_does_not_hold_replays_everything():
+    service = one_node_service()
+    genesis = service.engine.chain.get_header(0)
+    assert genesis is not None
+    ids = service.append([b"a"])
+
+    async def events_of(block_hash: bytes) -> list[chain_pb2.ChainEvent]:
+        stream = service.subscribe(
+            chain_pb2.SubscribeRequest(has_from_block_offset=True, from_block_offset=0, from_block_hash=block_hash)
+        )
+        events = [await anext(stream)]
+        while kind(events[-1]) != "caught_up":
+            events.append(await anext(stream))
+        await stream.aclose()
+        return events
+
+    # Our genesis: nothing to replay but the pending entry.
+    assert [kind(e) for e in await events_of(genesis.hash)] == ["pending", "caught_up"]
+    # Another chain's block at offset 0: forget everything, here is the whole chain.
+    events = await events_of(b"\x12\x20" + bytes(32))
+    assert [kind(e) for e in events] == ["truncated", "block", "pending", "caught_up"]
+    assert events[0].truncated.from_offset == 0
+    assert chain_pb2.BlockHeader.FromString(events[1].block.header_bytes).offset == 0
+    assert pending_id(events[2]) == ids[0]
+
+
 async def test_a_subscriber_that_falls_behind_gets_a_discontinuity_and_the_stream_ends():
     service = one_node_service(queue_len=3)
     stream = service.subscribe(chain_pb2.SubscribeRequest())

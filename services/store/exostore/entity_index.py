@@ -415,6 +415,8 @@ class EntityIndex:
         return chain_pb2.SubscribeRequest(
             has_from_block_offset=True, from_block_offset=indexed.offset, from_pending_operation_id=0,
             pending_batches=True,
+            # A chain that no longer holds this block answers with a truncation to 0 (a full reindex).
+            from_block_hash=bytes.fromhex(indexed.hash),
         )
 
     def _finish_replay(self, event: CaughtUpEvent) -> IndexUpdate:

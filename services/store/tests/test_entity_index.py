@@ -60,7 +60,8 @@ def entry(i: int, mutation: mutation_pb2.EntityMutation, key: bytes = KEY) -> Ch
 
 
 def block(height: int, *entries: ChainEntry, tag: str = "") -> BlockEvent:
-    return BlockEvent(BlockRef(height * 100, height, f"hash{height}{tag}"), tuple(entries))
+    # Hashes are hex, as the chain's (the store sends its last one back when it resumes).
+    return BlockEvent(BlockRef(height * 100, height, f"hash{height}{tag}".encode().hex()), tuple(entries))
 
 
 def pending(entry_: ChainEntry) -> PendingEvent:
@@ -276,7 +277,7 @@ def test_truncation_forgets_retained_blocks_and_keeps_their_entries_pending(stor
 
     # The other fork's block at the same height holds only `b`; `a` stays pending.
     store.index.apply_events([block(4, b, tag="'")])
-    assert store.index.last_block.hash == "hash4'"
+    assert store.index.last_block.hash == block(4, tag="'").ref.hash
     assert store.pending_ops() == {op(4), op(5)}
 
 
@@ -285,7 +286,7 @@ def test_a_different_block_at_a_retained_offset_is_a_truncation(store):
     assert store.index.chain_indexed.height == 2
     store.index.apply_events([block(3, tag="x")])
     assert store.index.retained_offsets == [300]
-    assert store.index.last_block.hash == "hash3x"
+    assert store.index.last_block.hash == block(3, tag="x").ref.hash
 
 
 def test_a_truncation_into_the_chain_index_needs_a_full_reindex(store):
@@ -349,6 +350,7 @@ def test_a_restart_resumes_from_the_chain_indexed_block_without_decrypting_again
     assert s.entities() == [("e2", ["two"]), ("e3", ["three"]), ("e4", ["four"])]
     request = s.index.start_replay()
     assert request.has_from_block_offset and request.from_block_offset == indexed.offset
+    assert request.from_block_hash.hex() == indexed.hash  # a chain without that block makes us reindex
     s.index.apply_events(
         [
             block(5, entry(5, put("e2", "t", "two again"))),
