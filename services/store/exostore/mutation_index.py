@@ -56,6 +56,7 @@ from exostore.schema import (
     IndexSchema,
     ValueKind,
     reference_text,
+    text_analyzer,
 )
 from exostore.types import (
     DeleteOperationsOperation,
@@ -195,6 +196,8 @@ class MutationIndex:
             except ValueError as exc:  # e.g. created with another pool size: the index must be rebuilt
                 raise FailedPrecondition(f"cannot open the mutation index at {self.path}: {exc}") from exc
         self.schema.register_analyzers(self._index)
+        self._vocabulary = self.schema.vocabulary
+        self._analyzer = text_analyzer()  # the indexing thread's own (queries use the schema's)
         self._writer: tantivy.IndexWriter | None = self._index.writer(heap_size, num_threads)
         self._write_lock = threading.Lock()
         self._cache_lock = threading.Lock()
@@ -215,6 +218,8 @@ class MutationIndex:
         self._index.reload()
         self._searcher = self._index.searcher()
         self._last_reload = time.monotonic()
+        if self.path is not None and self._searcher.num_docs:  # words indexed by earlier runs
+            self._vocabulary.add_tokens([term for term, _ in self._searcher.terms_with_prefix(F_ALL_TEXT, "")])
 
     def refresh(self) -> None:
         """Reload the searcher so that segments merged in the background are used (fewer segments, faster
@@ -376,6 +381,7 @@ class MutationIndex:
                     if kind is text_kind:
                         add_text(mapped.name, value)  # type: ignore[arg-type]
                         add_text(F_ALL_TEXT, value)  # type: ignore[arg-type]
+                        self._vocabulary.add_tokens(self._analyzer.analyze(value))  # type: ignore[arg-type]
                     elif kind is string_kind:
                         add_text(mapped.name, value)  # type: ignore[arg-type]
                     elif kind is ValueKind.REFERENCE:
@@ -415,10 +421,11 @@ class MutationIndex:
         `with_total=False`: `total` may be left uncomputed (-1): counting every match keeps tantivy from
         skipping the blocks that cannot reach the top of a score ordering, so callers reading further
         pages of a query they already counted pass it."""
-        compiled = compiled or self.compiler.compile(query)
         if time.monotonic() - self._last_reload > REFRESH_INTERVAL:
             self.refresh()
+        # the searcher before compiling: every word it can match is then in the vocabulary (see `Vocabulary`)
         searcher = self._searcher
+        compiled = compiled or self.compiler.compile(query)
         count, offset = max(0, count), max(0, offset)
         window = offset + count
         field = compiled.sort_field

@@ -188,16 +188,27 @@ def fuzzy_distance(token: str) -> int:
 
 
 def match_query(schema: IndexSchema, field: str, text: str, fuzzy: bool) -> tantivy.Query:
-    """SPEC 3.6 `new_fuzzy_match_query`: SHOULD term per token (+ SHOULD fuzzy term when long enough)."""
+    """SPEC 3.6 `new_fuzzy_match_query`: SHOULD term per token (+ SHOULD fuzzy term when long enough).
+
+    A fuzzy term scores a constant 1.0 on every document holding a word within its distance. When no
+    indexed word but the token itself can be that close (`Vocabulary.may_have_neighbor`; `field` is
+    `all_text` or a text field, whose words all are in `all_text` too), it is replaced by the token's term
+    query at a constant 1.0: the same documents and scores, without building a Levenshtein automaton and
+    walking every segment's term dictionary with it (most of a match query's cost)."""
     tschema = schema.tantivy_schema
+    vocabulary = schema.vocabulary
     clauses: list[tuple[tantivy.Occur, tantivy.Query]] = []
     for token in schema.analyze(text):
         clauses.append((tantivy.Occur.Should, tantivy.Query.term_query(tschema, field, token)))
         distance = fuzzy_distance(token) if fuzzy else 0
-        if distance:
-            clauses.append(
-                (tantivy.Occur.Should, tantivy.Query.fuzzy_term_query(tschema, field, token, distance, True))
-            )
+        if not distance:
+            continue
+        if vocabulary.may_have_neighbor(token, distance):
+            near = tantivy.Query.fuzzy_term_query(tschema, field, token, distance, True)
+        else:
+            exact = tantivy.Query.term_query(tschema, field, token, index_option="basic")
+            near = tantivy.Query.const_score_query(exact, 1.0)
+        clauses.append((tantivy.Occur.Should, near))
     if not clauses:
         return tantivy.Query.empty_query()
     return tantivy.Query.boolean_query(clauses)
@@ -565,7 +576,7 @@ class QueryCompiler:
 
     def __init__(self, schema: IndexSchema, cache_size: int = 1024) -> None:
         self.schema = schema
-        self._cache: OrderedDict[tuple[int, str, bytes, bytes], CompiledQuery] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int, str, bytes, bytes], CompiledQuery] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -575,6 +586,7 @@ class QueryCompiler:
             raise InvalidArgument("query has no predicate")
         key = (
             self.schema.registry.version,
+            self.schema.vocabulary.version,  # fuzzy terms depend on the words indexed so far
             kind,
             getattr(query, kind).SerializeToString(deterministic=True),
             query.ordering.SerializeToString(deterministic=True),

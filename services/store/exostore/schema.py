@@ -36,7 +36,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import tantivy
@@ -52,6 +52,8 @@ DEFAULT_POOL_SIZE = 10
 TEXT_ANALYZER = "exo_text"
 REF_ANALYZER = "exo_ref"
 MAX_NESTING = 8
+
+VOCABULARY_MAX_VARIANTS = 2_000_000  # ~150 MB; past it fuzzy terms always use tantivy's automaton
 
 TIMESTAMP_TYPE = "google.protobuf.Timestamp"
 REFERENCE_TYPE = "exocore.store.Reference"
@@ -333,6 +335,81 @@ def _build_tantivy_schema(pool_size: int) -> tantivy.Schema:
     return sb.build()
 
 
+def _deletions(word: str, depth: int) -> set[str]:
+    """`word` and every string obtained from it by deleting up to `depth` characters."""
+    found = {word}
+    frontier = found
+    for _ in range(depth):
+        frontier = {w[:i] + w[i + 1 :] for w in frontier for i in range(len(w))}
+        found = found | frontier
+    return found
+
+
+class Vocabulary:
+    """Every token ever indexed in `all_text` (which receives every text field's tokens too), kept so that a
+    query can tell, without tantivy's Levenshtein automaton, that a fuzzy term cannot match any word other
+    than its own token: then the term query gives the same documents and scores (see `query.match_query`).
+
+    `may_have_neighbor(token, d)` is False only if no other word is within `d` edits of `token`, whatever
+    the edit distance (Levenshtein, with adjacent transpositions or not): each such edit removes at most one
+    character of a longest common subsequence from each side, so two words within `d` edits both reduce to
+    a common string by deleting at most `d` characters each. The counts of such deletion variants per word
+    answer that (`_near[d]`: variant -> number of words having it within `d` deletions).
+
+    A superset of every index's term dictionary: words are added when their document is built (before it is
+    committed, so a searcher that can match a word was opened after the word was added) and when an on-disk
+    index is opened; they are never removed (a word of a deleted document only makes the check
+    conservative). Past `max_variants` it stops tracking and answers True. Written by the indexing thread,
+    read by query threads (each step is atomic under the GIL; a half-added word only makes the answer
+    True). `version` changes whenever a word is added (compiled queries depend on it)."""
+
+    def __init__(self, max_variants: int = VOCABULARY_MAX_VARIANTS) -> None:
+        self._words: set[str] = set()
+        self._near: tuple[dict[str, int], dict[str, int]] = ({}, {})  # within 1, within 2 deletions
+        self._max_variants = max_variants
+        self.saturated = False
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self._words)
+
+    def add_tokens(self, tokens: Iterable[str]) -> None:
+        words = self._words
+        if self.saturated:
+            return
+        if not isinstance(tokens, list | set | tuple):
+            tokens = list(tokens)
+        if words.issuperset(tokens):
+            return
+        for token in tokens:
+            if token not in words:
+                self._add(token)
+                if self.saturated:
+                    return
+
+    def _add(self, word: str) -> None:
+        for depth, counts in enumerate(self._near, start=1):
+            for variant in _deletions(word, depth):
+                counts[variant] = counts.get(variant, 0) + 1
+        self._words.add(word)
+        self.version += 1
+        if len(self._near[1]) > self._max_variants:
+            log.warning(
+                "more than %d fuzzy variants of indexed words: fuzzy terms no longer skip the automaton",
+                self._max_variants,
+            )
+            self.saturated = True
+            self._near = ({}, {})
+
+    def may_have_neighbor(self, token: str, distance: int) -> bool:
+        """Whether some indexed word other than `token` may be within `distance` (1 or 2) edits of it."""
+        if self.saturated or distance not in (1, 2):
+            return True
+        counts = self._near[distance - 1]
+        own = 1 if token in self._words else 0  # the token's own variants count it once
+        return any(counts.get(variant, 0) > own for variant in _deletions(token, distance))
+
+
 class IndexSchema:
     """The tantivy schema of a mutation index plus the trait mappings of a registry.
 
@@ -351,6 +428,7 @@ class IndexSchema:
         self._unknown_version = registry.version
         self._lock = threading.Lock()
         self.query_compiler: object | None = None  # the shared `query.QueryCompiler`, set by `compiler_for`
+        self.vocabulary = Vocabulary()  # words of `all_text` in every index of this schema
 
     def register_analyzers(self, index: tantivy.Index) -> None:
         """Register the custom analyzers the schema refers to on an index (needed for each opened index)."""

@@ -130,6 +130,51 @@ def test_no_fuzzy_and_transpositions():
     assert search(index, match=Q.MatchPredicate(query="")).total == 0
 
 
+def test_exact_first_fuzzy_terms_give_the_automaton_results(tmp_path):
+    """A fuzzy term whose token has no indexed neighbour runs as a constant-score term query: same documents,
+    same scores, same order as tantivy's automaton (forced here by a saturated vocabulary)."""
+    fast_schema, slow_schema = IndexSchema(REGISTRY), IndexSchema(REGISTRY)
+    slow_schema.vocabulary.saturated = True
+    texts = [
+        "alpha beta gamma",
+        "alpha alpha delta",
+        "alphx epsilon",  # a neighbour of alpha
+        "epsilon zeta eta theta",
+        "gamma gamma gamma",
+        "theta iota kappa lambda",
+        "lambdas kappa",  # a neighbour of lambda
+        "beta",
+    ]
+    indices = []
+    for schema in (fast_schema, slow_schema):
+        index = MutationIndex(schema, None, heap_size=15_000_000, num_threads=1)
+        index.apply([put(op, f"e{op}", tm(string1=text)) for op, text in enumerate(texts, start=1)])
+        indices.append(index)
+    assert not fast_schema.vocabulary.may_have_neighbor("gamma", 1)
+    assert fast_schema.vocabulary.may_have_neighbor("alpha", 1)
+    queries = [
+        Q.EntityQuery(match=Q.MatchPredicate(query=text))
+        for text in ("gamma", "alpha", "beta gamma", "alpha theta", "lambda kappa", "epsilon", "zeta eta", "nothing")
+    ]
+    queries += [
+        Q.EntityQuery(query_string=Q.QueryStringPredicate(query=text))
+        for text in ("+gamma beta -delta", "theta -kappa", "string1:gamma", "gamma eta", "+alpha lambda")
+    ]
+    assert "Fuzzy" not in repr(indices[0].compile(queries[0]).query)  # gamma: no automaton
+    assert "Fuzzy" in repr(indices[0].compile(queries[1]).query)  # alpha: alphx is one edit away
+    assert "Fuzzy" in repr(indices[1].compile(queries[0]).query)
+    for query in queries:
+        got, want = (index.search(query, 20) for index in indices)
+        assert [(m.operation_id, m.sort_value.value) for m in got.mutations] == [
+            (m.operation_id, m.sort_value.value) for m in want.mutations
+        ], query
+        assert got.total == want.total
+    # a neighbour indexed later is seen by the next search (the compiled query depends on the vocabulary)
+    assert ops(search(indices[0], match=Q.MatchPredicate(query="gamma"))) == [5, 1]
+    indices[0].apply([put(20, "e20", tm(string1="gamme"))])
+    assert ops(search(indices[0], match=Q.MatchPredicate(query="gamma")))[-1] == 20
+
+
 def test_match_covers_nested_text_but_not_plain_strings():
     index = new_index()
     index.apply(

@@ -10,7 +10,15 @@ from exocommon.errors import InvalidArgument
 from exocore.store import entity_pb2, options_pb2
 from exocore.test import test_pb2
 from exostore.registry import TraitRegistry, type_name_from_url
-from exostore.schema import FieldKind, IndexSchema, ValueKind, build_mapping, ref_escape, reference_text
+from exostore.schema import (
+    FieldKind,
+    IndexSchema,
+    ValueKind,
+    Vocabulary,
+    build_mapping,
+    ref_escape,
+    reference_text,
+)
 
 TEST_MESSAGE = "exocore.test.TestMessage"
 
@@ -284,3 +292,57 @@ def test_reference_tokens_escape_deterministically():
     assert ref_escape("et-a_b") == "et-a_b"
     assert ref_escape("a b%c") == "a%20b%25c"
     assert reference_text("et 1", "t%1") == "entityet%201 traitt%251"
+
+
+def _osa(a: str, b: str) -> int:
+    """Levenshtein distance with adjacent transpositions costing 1 (optimal string alignment)."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
+
+
+def test_vocabulary_neighbors():
+    vocabulary = Vocabulary()
+    vocabulary.add_tokens(["abcde", "abcdefgh", "hello"])
+    version = vocabulary.version
+    assert len(vocabulary) == 3 and version == 3
+    assert not vocabulary.may_have_neighbor("abcde", 1)  # only itself
+    assert not vocabulary.may_have_neighbor("abcdefgh", 2)
+    assert vocabulary.may_have_neighbor("abcdz", 1)  # substitution
+    assert vocabulary.may_have_neighbor("bacde", 1)  # transposition
+    assert vocabulary.may_have_neighbor("abcd", 1) and vocabulary.may_have_neighbor("abcdex", 1)
+    assert not vocabulary.may_have_neighbor("abczz", 1)
+    assert vocabulary.may_have_neighbor("abcdefzz", 2) and not vocabulary.may_have_neighbor("abcdezzz", 2)
+    assert vocabulary.may_have_neighbor("abcdf", 1)  # abcde: one substitution
+    vocabulary.add_tokens(["hello", "abcde"])  # nothing new
+    assert vocabulary.version == version
+    vocabulary.add_tokens(["abcdf"])
+    assert vocabulary.may_have_neighbor("abcde", 1) and vocabulary.version == version + 1
+
+
+def test_vocabulary_never_misses_a_neighbor():
+    """Exhaustive on a small alphabet: every word within the distance (OSA, the stricter one) is found."""
+    import itertools
+    import random
+
+    rng = random.Random(5)
+    words = sorted({"".join(rng.choices("abc", k=rng.randint(3, 7))) for _ in range(60)})
+    vocabulary = Vocabulary()
+    vocabulary.add_tokens(words)
+    for length in (4, 5, 6):
+        for token in map("".join, itertools.product("abc", repeat=length)):
+            for distance in (1, 2):
+                near = any(w != token and _osa(token, w) <= distance for w in words)
+                if near:
+                    assert vocabulary.may_have_neighbor(token, distance), (token, distance)
+
+
+def test_vocabulary_saturates():
+    vocabulary = Vocabulary(max_variants=50)
+    vocabulary.add_tokens(["abcdefgh", "ijklmnop"])
+    assert vocabulary.saturated
+    assert vocabulary.may_have_neighbor("zzzzzzzz", 2)
