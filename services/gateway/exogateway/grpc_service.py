@@ -60,14 +60,18 @@ class EntityStoreProxy:
         return max(0.001, min(remaining, self.call_timeout_s))
 
     async def _unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        identity = self.authenticator.authenticate_metadata(context.invocation_metadata())
-        self.limits.check_request_size(len(request))
-        with self.limits.call(identity.token):
-            try:
-                return await self.router.unary(method, request, self._timeout(context))
-            except StoreStatusError as exc:
-                await context.abort(exc.code, exc.details)
-                raise  # unreachable: abort raises
+        # Every call goes through here: kept lean (no context manager, no extra awaits).
+        token = self.authenticator.authenticate_metadata(context.invocation_metadata()).token
+        limits = self.limits
+        limits.check_request_size(len(request))
+        limits.acquire_call(token)
+        try:
+            return await self.router.unary(method, request, self._timeout(context))
+        except StoreStatusError as exc:
+            await context.abort(exc.code, exc.details)
+            raise  # unreachable: abort raises
+        finally:
+            limits.release_call(token)
 
     async def mutate(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(MUTATE, request, context)

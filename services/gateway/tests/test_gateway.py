@@ -284,6 +284,27 @@ async def test_limits_answer_resource_exhausted():
         assert "Mutate" not in setup.store_calls()
 
 
+async def test_too_many_concurrent_calls_per_token_answer_resource_exhausted_and_free_their_slots():
+    async with gateway_setup(replicas=1, limits=LimitSettings(calls_per_token_max=2)) as setup:
+        setup.stores[0].query_delay_s = 0.3
+        async with Client(setup.address, setup.token) as client:
+            results = await asyncio.gather(
+                *(client.query(QueryBuilder.all()) for _ in range(4)), return_exceptions=True
+            )
+            refused = [r for r in results if isinstance(r, ResourceExhausted)]
+            assert len(refused) == 2, results
+            assert "too many concurrent calls" in str(refused[0])
+            assert setup.gateway.limits.statistics()["calls_in_flight"] == 0
+            # Calls the store fails free their slots too.
+            setup.stores[0].query_delay_s = 0
+            failing = query_pb2.EntityQuery(test=query_pb2.TestPredicate(success=False))
+            for _ in range(3):
+                with pytest.raises(InvalidArgument):
+                    await client.query(failing)
+            await asyncio.gather(*(client.query(QueryBuilder.all()) for _ in range(2)))
+            assert setup.gateway.limits.statistics()["calls_in_flight"] == 0
+
+
 # --- reflection ---------------------------------------------------------------------------------------------------
 
 
