@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import operator
 import sys
 import threading
 import time
@@ -86,6 +87,8 @@ RECENCY_SCALE_DAYS = 365
 ENTITY_MUTATIONS_LIMIT = 10_000
 ENTITY_MUTATIONS_FIRST = 64
 REFRESH_INTERVAL = 1.0  # seconds between searcher reloads picking up background merges
+MERGE_WINDOW = 60.0  # seconds after a write during which background merges may still finish
+RESULTS_CACHE_SIZE = 256  # searches whose page is kept while the index does not change
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
 SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
 DOCUMENT_CACHE_SIZE = 20_000  # pending documents kept for the chain index (~2 KB each for a note)
@@ -102,6 +105,8 @@ def _ts_ns(ts: object) -> int:
     return max(0, ts.seconds * 1_000_000_000 + ts.nanos)  # type: ignore[attr-defined]
 
 
+_SCORE_OF = operator.itemgetter(0)
+_OPERATION_ID_OF = operator.itemgetter(1)
 _DOCUMENT_OPERATIONS = (PutTraitOperation, TraitTombstoneOperation, EntityTombstoneOperation, PendingDeletionOperation)
 _Meta = tuple[str, MutationType, int | None]  # entity id, mutation type, block offset
 
@@ -206,6 +211,8 @@ class MutationIndex:
         # id(compiled query) -> (searcher, compiled query, sorted rows, complete, total): the rows fetched by
         # a score-ordered search, valid while that searcher is the current one (see `_search_by_score`)
         self._score_rows: OrderedDict[int, tuple] = OrderedDict()  # type: ignore[type-arg]
+        # (id(compiled query), offset, count, with_total) -> (searcher, compiled query, mutations, total)
+        self._results: OrderedDict[tuple[int, int, int, bool], tuple] = OrderedDict()  # type: ignore[type-arg]
         self._entity_cache_size = entity_cache_size
         self._meta_cache: dict[int, _Meta] = {}
         self._meta_cache_size = metadata_cache_size
@@ -217,18 +224,20 @@ class MutationIndex:
         self._several: set[int] = set()
         self._index.reload()
         self._searcher = self._index.searcher()
-        self._last_reload = time.monotonic()
+        self._last_reload = self._last_write = time.monotonic()  # opening may leave merges to finish
         if self.path is not None and self._searcher.num_docs:  # words indexed by earlier runs
             self._vocabulary.add_tokens([term for term, _ in self._searcher.terms_with_prefix(F_ALL_TEXT, "")])
 
     def refresh(self) -> None:
         """Reload the searcher so that segments merged in the background are used (fewer segments, faster
-        queries; same documents). `search` does it by itself at most every `REFRESH_INTERVAL` seconds."""
+        queries; same documents). `search` does it by itself at most every `REFRESH_INTERVAL` seconds, while
+        merges may still run (`MERGE_WINDOW` after the last write): a reload is not free."""
         with self._cache_lock:
             self._index.reload()
             self._searcher = self._index.searcher()
             self._last_reload = time.monotonic()
             self._score_rows.clear()
+            self._results.clear()
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -302,9 +311,10 @@ class MutationIndex:
             with self._cache_lock:
                 self._index.reload()
                 self._searcher = self._index.searcher()
-                self._last_reload = time.monotonic()
+                self._last_reload = self._last_write = time.monotonic()
                 self._generation += 1
                 self._score_rows.clear()
+                self._results.clear()
                 for entity_id in touched:
                     self._entity_cache.pop(entity_id, None)
                 for operation_id in removed_ops:
@@ -421,12 +431,21 @@ class MutationIndex:
         `with_total=False`: `total` may be left uncomputed (-1): counting every match keeps tantivy from
         skipping the blocks that cannot reach the top of a score ordering, so callers reading further
         pages of a query they already counted pass it."""
-        if time.monotonic() - self._last_reload > REFRESH_INTERVAL:
+        now = time.monotonic()
+        if now - self._last_reload > REFRESH_INTERVAL and now - self._last_write < MERGE_WINDOW:
             self.refresh()
         # the searcher before compiling: every word it can match is then in the vocabulary (see `Vocabulary`)
         searcher = self._searcher
         compiled = compiled or self.compiler.compile(query)
         count, offset = max(0, count), max(0, offset)
+        # The same page of the same compiled query on the same searcher (same documents and statistics,
+        # hence the same scores): watches re-running, lists polled, repeated searches.
+        key = (id(compiled), offset, count, with_total)
+        with self._cache_lock:
+            cached = self._results.get(key)
+            if cached is not None and cached[0] is searcher and cached[1] is compiled:
+                self._results.move_to_end(key)
+                return MutationResults(list(cached[2]), cached[3])
         window = offset + count
         field = compiled.sort_field
         if field is None:
@@ -440,6 +459,11 @@ class MutationIndex:
             meta = cache.get(operation_id) or self._meta(searcher, operation_id, addr)
             sort_value = SortValue(kind, value, operation_id)
             mutations.append(MutationMetadata(operation_id, meta[2], meta[0], meta[1], sort_value))
+        with self._cache_lock:
+            if searcher is self._searcher:
+                self._results[key] = (searcher, compiled, tuple(mutations), total)
+                while len(self._results) > RESULTS_CACHE_SIZE:
+                    self._results.popitem(last=False)
         return MutationResults(mutations, total)
 
     def _search_by_score(
@@ -480,21 +504,34 @@ class MutationIndex:
                 break
             if limit >= TIE_EXPANSION_CAP or hits[-1][0] != hits[window - 1][0]:
                 break
-            limit = max(limit * 4, window + 1000)
+            limit = max(limit * 4, window + 64)  # most runs are short: grow by steps
             limit = min(limit, total, TIE_EXPANSION_CAP) if total >= 0 else min(limit, TIE_EXPANSION_CAP)
         if not hits:
             return [], total
+        # Hits come by score: only those up to the end of the page boundary's run of equal scores need their
+        # operation id and ordering; every document scoring that much or more is among them.
+        fetched = len(hits)
+        end = fetched
+        if not complete and 0 < window < fetched:
+            boundary = hits[window - 1][0]
+            end = window
+            while end < fetched and hits[end][0] == boundary:
+                end += 1
+            if end < fetched:
+                hits = hits[:end]
         addrs = [addr for _, addr in hits]
         op_ids = searcher.fast_field_values(F_OPERATION_ID, addrs)
-        keys = [(-score, -op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
-        keys.sort()
-        rows = [(hits[i][0], op_ids[i], addrs[i]) for _, _, i in keys]
+        rows = list(zip([score for score, _ in hits], op_ids, addrs, strict=True))
+        rows.sort(key=_OPERATION_ID_OF, reverse=True)  # stable sorts: by score, then by operation id
+        rows.sort(key=_SCORE_OF, reverse=True)
         if complete:
             self._cache_score_rows(searcher, compiled, rows, True, total)
-        elif len(hits) > window + 1 and limit < TIE_EXPANSION_CAP:
-            # a tie run was fetched whole: every row scoring above the last hit is exact, keep them for the
-            # next pages of this query (paging through a long run of equal scores costs one fetch)
-            last = hits[-1][0]
+        elif end < fetched:
+            # the boundary's run was fetched whole: every row is exact, keep them for the next pages of this
+            # query (paging through a long run of equal scores costs one fetch)
+            self._cache_score_rows(searcher, compiled, rows, False, total)
+        elif fetched > window + 1 and limit < TIE_EXPANSION_CAP:
+            last = hits[-1][0]  # the last run may go on: every row scoring above it is exact
             exact = sum(1 for row in rows if row[0] > last)
             self._cache_score_rows(searcher, compiled, rows[:exact], False, total)
         return rows[offset:window], total

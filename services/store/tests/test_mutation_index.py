@@ -722,6 +722,40 @@ def test_pages_through_a_long_run_of_equal_scores_and_without_total():
     assert ops(search(index, count=3, offset=0, match=match)) == [3000, 2500, 2499]
 
 
+def test_pages_cut_inside_runs_of_equal_scores_match_the_whole_ordering():
+    """Runs of equal scores followed by lower scores: small pages (cut inside a run, only the run ordered by
+    operation id) concatenate to the whole result ordered by score, then operation id."""
+    index = new_index()
+    texts = ["same", "same same", "same other words", "same same same filler"]
+    index.apply([put(op, f"e{op}", tm(string1=texts[op % 4])) for op in range(1, 241)])
+    match = Q.MatchPredicate(query="same")
+    whole = search(index, count=1000, match=match).mutations
+    assert len(whole) == 240
+    keys = [(-m.sort_value.value, -m.operation_id) for m in whole]
+    assert keys == sorted(keys)
+    for size in (7, 60, 61):
+        pages = [search(index, count=size, offset=offset, match=match) for offset in range(0, 240, size)]
+        assert sum((ops(page) for page in pages), []) == ops(search(index, count=1000, match=match))
+        assert [m.sort_value.value for page in pages for m in page.mutations] == [m.sort_value.value for m in whole]
+
+
+def test_repeated_searches_reuse_the_page_until_the_index_changes():
+    index = new_index()
+    index.apply([put(op, f"e{op}", tm(string1="same words", date3=ts(op * DAY))) for op in range(1, 30)])
+    sorted_by_date = Q.EntityQuery(trait=trait_query(), ordering=Q.Ordering(field="date3"))
+    first = index.search(sorted_by_date, 5, 0)
+    first.mutations.clear()  # callers own what they get
+    again = index.search(sorted_by_date, 5, 0)
+    assert ops(again) == [29, 28, 27, 26, 25] and again.total == 29
+    assert ops(index.search(sorted_by_date, 5, 5)) == [24, 23, 22, 21, 20]
+    index.refresh()  # another searcher (merged segments): searched again, same page
+    assert ops(index.search(sorted_by_date, 5, 0)) == [29, 28, 27, 26, 25]
+    index.apply([put(40, "e40", tm(string1="same words", date3=ts(40 * DAY)))])
+    assert ops(index.search(sorted_by_date, 5, 0)) == [40, 29, 28, 27, 26]
+    index.apply([DeleteOperationsOperation((40, 29))])
+    assert ops(index.search(sorted_by_date, 5, 0)) == [28, 27, 26, 25, 24]
+
+
 def test_fetch_entity_mutations_of_an_entity_with_many_documents():
     index = new_index()
     index.apply([put(op, "busy", tm(), trait_id=f"t{op}") for op in range(1, 201)])
