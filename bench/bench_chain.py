@@ -15,6 +15,8 @@ Prints, per chain configuration (the original's defaults, then a tuned one):
 
 Appenders are spread round-robin over the three nodes; every node has one subscriber (as a store
 would: blocks and pending operations, the latter in batches), which also gives the commit times.
+The subscribers run in a process of their own (as stores do), so that the appenders' latencies are
+not those of a client busy reading three streams; both use the system-wide monotonic clock.
 Committed entries/s counts the entries of the blocks seen on node 1 between `--warmup` seconds
 after the start and the end of the run. Appends are subject to the service's flow control (an
 append waits while replication or commits lag behind), so a closed loop of appenders settles at
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import multiprocessing.connection
 import os
 import sys
 import tempfile
@@ -119,6 +123,86 @@ class RunResult:
         print(f"    CPU seconds over the {self.run_s:.1f} s run: {cpu}")
 
 
+@dataclass
+class WatchReport:
+    """What the subscriber process saw since the previous report."""
+
+    # (monotonic time, entries) of each block seen on node 1.
+    blocks: list[tuple[float, int]]
+    # Per node: operation id -> monotonic time its block reached that node's subscriber.
+    committed: list[dict[int, float]]
+    discontinuities: int
+
+
+async def _watch_node(stub: chain_pb2_grpc.ChainLogStub, index: int, report: WatchReport) -> None:
+    """Records the blocks of one node's `Subscribe` stream; resubscribes after a discontinuity (its
+    queue overflowed: the blocks missed meanwhile come in the replay, late)."""
+    from_offset = (await stub.Status(chain_pb2.StatusRequest(), timeout=10)).last_offset
+    from_pending = 2**64 - 1  # no replay of what is pending now: live events only
+    while True:
+        request = chain_pb2.SubscribeRequest(
+            has_from_block_offset=True,
+            from_block_offset=from_offset,
+            from_pending_operation_id=from_pending,
+            pending_batches=True,
+        )
+        try:
+            async for event in stub.Subscribe(request):
+                kind = event.WhichOneof("event")
+                if kind == "discontinuity":
+                    report.discontinuities += 1
+                    break
+                if kind != "block":
+                    continue
+                now = time.monotonic()
+                header = chain_pb2.BlockHeader.FromString(event.block.header_bytes)
+                from_offset = header.offset
+                if index == 0:
+                    report.blocks.append((now, len(header.operations_header)))
+                committed = report.committed[index]
+                for op in header.operations_header:
+                    committed[op.operation_id] = now
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.2)
+
+
+def watch_main(addresses: list[str], conn: multiprocessing.connection.Connection) -> None:
+    """The subscriber process: one subscription per node; answers "report" (and forgets what it
+    reported), "cancel <index>" and "stop" on `conn`."""
+
+    async def run() -> None:
+        channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for address in addresses]
+        report = WatchReport([], [{} for _ in addresses], 0)
+        tasks = [
+            asyncio.create_task(_watch_node(chain_pb2_grpc.ChainLogStub(c), i, report)) for i, c in enumerate(channels)
+        ]
+        stopped = asyncio.Event()
+
+        def on_command() -> None:
+            nonlocal report
+            command = conn.recv()
+            if command == "report":
+                # Plain values: this module is `__mp_main__` here, its classes unknown to the parent.
+                conn.send((report.blocks, report.committed, report.discontinuities))
+                fresh = WatchReport([], [{} for _ in addresses], 0)
+                report.blocks, report.committed, report.discontinuities = fresh.blocks, fresh.committed, 0
+            elif command.startswith("cancel "):
+                tasks[int(command.split()[1])].cancel()
+                conn.send(None)
+            else:
+                stopped.set()
+
+        asyncio.get_running_loop().add_reader(conn.fileno(), on_command)
+        await stopped.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+
+    asyncio.run(run())
+
+
 class Bench:
     def __init__(self, cluster: Cluster, args: argparse.Namespace) -> None:
         self.cluster = cluster
@@ -127,19 +211,24 @@ class Bench:
         self.stubs = [chain_pb2_grpc.ChainLogStub(c) for c in self.channels]
         # Per node: op id -> monotonic time of the call that appended it (until seen committed there).
         self.outstanding: list[dict[int, float]] = [{} for _ in cluster.nodes]
+        # Per node: op id -> monotonic time it was seen committed there, not yet matched to a call.
+        self.committed: list[dict[int, float]] = [{} for _ in cluster.nodes]
         self.commit_ms: list[float] = []
         # (monotonic time, entries) of each block seen on node 1.
         self.blocks_seen: list[tuple[float, int]] = []
-        self.subscriptions: list[asyncio.Task[None]] = []
+        self.watcher: multiprocessing.process.BaseProcess | None = None
+        self.watcher_conn: multiprocessing.connection.Connection | None = None
         self.payload = os.urandom(args.entry_bytes)
         self.discontinuities = 0
         # Entries of the blocks seen on node 1 since its subscription started.
         self.entries_seen = 0
 
     async def close(self) -> None:
-        for task in self.subscriptions:
-            task.cancel()
-        await asyncio.gather(*self.subscriptions, return_exceptions=True)
+        if self.watcher is not None and self.watcher_conn is not None:
+            self.watcher_conn.send("stop")
+            await asyncio.to_thread(self.watcher.join, 10)
+            if self.watcher.is_alive():
+                self.watcher.kill()
         for channel in self.channels:
             await channel.close()
 
@@ -163,43 +252,30 @@ class Bench:
             await asyncio.sleep(0.1)
 
     def subscribe_all(self) -> None:
-        for index in range(len(self.cluster.nodes)):
-            self.subscriptions.append(asyncio.create_task(self._subscribe(index)))
+        """Starts the subscriber process (one subscription per node)."""
+        parent, child = multiprocessing.get_context("spawn").Pipe()
+        self.watcher = multiprocessing.get_context("spawn").Process(
+            target=watch_main, args=([n.address for n in self.cluster.nodes], child), daemon=True
+        )
+        self.watcher.start()
+        self.watcher_conn = parent
 
-    async def _subscribe(self, index: int) -> None:
-        """Records commit times from the node's block events; resubscribes after a discontinuity (its
-        queue overflowed: the blocks missed meanwhile come in the replay, late)."""
-        from_offset = (await self.status(index)).last_offset
-        from_pending = 2**64 - 1  # no replay of what is pending now: live events only
-        outstanding = self.outstanding[index]
-        while True:
-            request = chain_pb2.SubscribeRequest(
-                has_from_block_offset=True,
-                from_block_offset=from_offset,
-                from_pending_operation_id=from_pending,
-                pending_batches=True,
-            )
-            try:
-                async for event in self.stubs[index].Subscribe(request):
-                    kind = event.WhichOneof("event")
-                    if kind == "discontinuity":
-                        self.discontinuities += 1
-                        break
-                    if kind != "block":
-                        continue
-                    now = time.monotonic()
-                    header = chain_pb2.BlockHeader.FromString(event.block.header_bytes)
-                    from_offset = header.offset
-                    if index == 0:
-                        self.blocks_seen.append((now, len(header.operations_header)))
-                        self.entries_seen += len(header.operations_header)
-                    if outstanding:
-                        for op in header.operations_header:
-                            started = outstanding.pop(op.operation_id, None)
-                            if started is not None:
-                                self.commit_ms.append((now - started) * 1000)
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.2)
+    async def _ask(self, command: str) -> object:
+        assert self.watcher_conn is not None
+        conn = self.watcher_conn
+        conn.send(command)
+        return await asyncio.to_thread(conn.recv)
+
+    async def collect(self) -> None:
+        """Takes what the subscriber process saw; matches commits with the appends waiting for them."""
+        report = WatchReport(*await self._ask("report"))  # type: ignore[misc]
+        self.blocks_seen.extend(report.blocks)
+        self.entries_seen += sum(n for _, n in report.blocks)
+        self.discontinuities += report.discontinuities
+        for outstanding, committed, fresh in zip(self.outstanding, self.committed, report.committed, strict=True):
+            committed.update(fresh)
+            for operation_id in [op for op in outstanding if op in committed]:
+                self.commit_ms.append((committed.pop(operation_id) - outstanding.pop(operation_id)) * 1000)
 
     async def _append(self, node: int, entries: list[bytes], result: RunResult) -> None:
         started = time.monotonic()
@@ -217,12 +293,16 @@ class Bench:
     async def run(self, name: str, appenders: int, batch: int, duration: float, rate: float | None = None) -> RunResult:
         """`appenders` closed-loop appenders (or one paced at `rate` calls/s) for `duration` seconds."""
         result = RunResult(name)
+        await self.collect()
         self.commit_ms = []
         self.blocks_seen = []
-        for outstanding in self.outstanding:
+        for outstanding, committed in zip(self.outstanding, self.committed, strict=True):
             outstanding.clear()
+            committed.clear()
         pids = {f"node{i + 1}": n.process.pid for i, n in enumerate(self.cluster.nodes) if n.process is not None}
         pids["client"] = os.getpid()
+        if self.watcher is not None and self.watcher.pid is not None:
+            pids["subscribers"] = self.watcher.pid
         cpu_before = {k: cpu_seconds(p) for k, p in pids.items()}
         discontinuities = self.discontinuities
         start = time.monotonic()
@@ -244,8 +324,10 @@ class Bench:
         cpu_after = {k: cpu_seconds(p) for k, p in pids.items()}
         # Drain: give what was appended time to be committed (for the latency figures).
         drain_deadline = time.monotonic() + self.args.drain
+        await self.collect()
         while any(self.outstanding) and time.monotonic() < drain_deadline:
             await asyncio.sleep(0.05)
+            await self.collect()
         window_start = start + min(self.args.warmup, duration / 2)
         in_window = [(t, n) for t, n in self.blocks_seen if window_start <= t <= end]
         result.committed_in_window = sum(n for _, n in in_window)
@@ -277,6 +359,7 @@ class Bench:
     async def fill_chain(self, operations: int, timeout: float = 1800) -> None:
         """Appends (16 appenders) until node 1's chain holds at least `operations` entries."""
         base, _ = await self.committed_operations(0)
+        await self.collect()
         seen_at_base = self.entries_seen
         missing = operations - base
         if missing > 0:
@@ -296,6 +379,7 @@ class Bench:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the chain did not reach {operations} entries in {timeout} s")
             await asyncio.sleep(0.2)
+            await self.collect()
 
     async def wait_same_height(self, timeout: float) -> chain_pb2.ChainStatus:
         deadline = time.monotonic() + timeout
@@ -313,7 +397,7 @@ class Bench:
         entries, blocks = await self.committed_operations(0)
         node = self.cluster.nodes[2]
         # Its subscription ends with the process.
-        self.subscriptions[2].cancel()
+        await self._ask("cancel 2")
         node.terminate()
         node.wipe_chain(self.cluster.cell_keypair)
         spawned = time.monotonic()
