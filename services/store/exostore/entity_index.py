@@ -233,6 +233,9 @@ class _IndexRef:
     def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]:
         return self._get().fetch_entity_mutations(entity_id)
 
+    def fetch_entities_mutations(self, entity_ids: Sequence[str]) -> dict[str, list[MutationMetadata]]:
+        return self._get().fetch_entities_mutations(entity_ids)
+
 
 # ---------------------------------------------------------------------------------------------
 # The entity index

@@ -672,6 +672,56 @@ class MutationIndex:
                     self._entity_cache.popitem(last=False)
         return list(mutations)
 
+    def fetch_entities_mutations(self, entity_ids: Sequence[str]) -> dict[str, list[MutationMetadata]]:
+        """`fetch_entity_mutations` of each entity: cached ones from the cache, the others with one search
+        (unless one of them has many documents: then one search each, as `fetch_entity_mutations`)."""
+        found: dict[str, list[MutationMetadata]] = {}
+        missing: list[str] = []
+        with self._cache_lock:
+            for entity_id in dict.fromkeys(entity_ids):
+                cached = self._entity_cache.get(entity_id)
+                if cached is None:
+                    missing.append(entity_id)
+                else:
+                    self._entity_cache.move_to_end(entity_id)
+                    found[entity_id] = list(cached)
+            generation = self._generation
+            searcher = self._searcher
+        if len(missing) < 2:
+            for entity_id in missing:
+                found[entity_id] = self.fetch_entity_mutations(entity_id)
+            return found
+        limit = ENTITY_MUTATIONS_FIRST * len(missing)
+        hits = searcher.search(
+            terms_query(self.schema, F_ENTITY_ID, missing),
+            limit,
+            count=False,
+            order_by_field=F_OPERATION_ID,
+            order=tantivy.Order.Asc,
+        ).hits
+        if len(hits) >= limit:
+            for entity_id in missing:
+                found[entity_id] = self.fetch_entity_mutations(entity_id)
+            return found
+        grouped: dict[str, list[MutationMetadata]] = {entity_id: [] for entity_id in missing}
+        for value, addr in hits:
+            operation_id = int(value)
+            entity, mtype, block_offset = self._meta(searcher, operation_id, addr)
+            mutations = grouped.get(entity)
+            if mutations is None or (mutations and mutations[-1].operation_id == operation_id):
+                continue  # one per operation id, as `fetch_entity_mutations`
+            sort_value = SortValue(SortKind.UINT, operation_id, operation_id)
+            mutations.append(MutationMetadata(operation_id, block_offset, entity, mtype, sort_value))
+        with self._cache_lock:
+            if generation == self._generation:
+                for entity_id, mutations in grouped.items():
+                    self._entity_cache[entity_id] = mutations
+                while len(self._entity_cache) > self._entity_cache_size:
+                    self._entity_cache.popitem(last=False)
+        for entity_id, mutations in grouped.items():
+            found[entity_id] = list(mutations)
+        return found
+
     def operation_ids_for_entity(self, entity_id: str) -> list[int]:
         return [m.operation_id for m in self.fetch_entity_mutations(entity_id)]
 

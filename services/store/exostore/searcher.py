@@ -108,6 +108,32 @@ class MutationSource(Protocol):
     def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]: ...
 
 
+class _Prefetch:
+    """Mutations of the entities a search is about to aggregate, fetched with one search per index for a
+    whole page of matches (sources having `fetch_entities_mutations(ids) -> {id: mutations}`, as
+    `fetch_entity_mutations` of each) rather than two searches per entity."""
+
+    def __init__(self, pending: MutationSource, chain: MutationSource) -> None:
+        self._fetchers = [getattr(source, "fetch_entities_mutations", None) for source in (pending, chain)]
+        self._found: tuple[dict[str, list[MutationMetadata]], dict[str, list[MutationMetadata]]] = ({}, {})
+        self._asked: set[str] = set()
+
+    def add(self, mutations: Iterable[MutationMetadata], done: dict[str, EntityAggregator | None]) -> None:
+        if None in self._fetchers:
+            return
+        asked = self._asked
+        ids = [e for e in dict.fromkeys(m.entity_id for m in mutations) if e not in done and e not in asked]
+        if len(ids) < 2:
+            return  # one entity: the usual fetch does as well
+        asked.update(ids)
+        for fetch, found in zip(self._fetchers, self._found, strict=True):
+            found.update(fetch(ids))  # type: ignore[misc]
+
+    def take(self, entity_id: str) -> tuple[list[MutationMetadata] | None, list[MutationMetadata] | None]:
+        """(pending, chain) mutations of the entity when prefetched."""
+        return self._found[0].pop(entity_id, None), self._found[1].pop(entity_id, None)
+
+
 TraitFetcher = Callable[[int, int | None], tuple[str, entity_pb2.Trait] | None]
 """(operation_id, block_offset or None if pending) -> (entity id, trait) of that put, or None if missing."""
 
@@ -459,20 +485,38 @@ class EntitySearcher:
 
         now_ns = self._now_ns()
         wanted = page.count
+        aggregators: dict[str, EntityAggregator | None] = {}
+        prefetch = _Prefetch(self._pending, self._chain)
+        first_pages: list[MutationMetadata] = []
+
+        def on_page(mutations: list[MutationMetadata], first: bool) -> None:
+            if first:  # both indices' first pages go in one batch
+                first_pages.extend(mutations)
+            else:
+                prefetch.add(mutations, aggregators)
+
         chain_total, chain_stream = self._stream(
-            self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns, wanted
+            self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns, wanted, on_page
         )
         pending_total, pending_stream = self._stream(
-            self._pending, index_query, query_pb2.PENDING, is_score, ascending, recency, self._pending_boost,
-            now_ns, wanted,
+            self._pending,
+            index_query,
+            query_pb2.PENDING,
+            is_score,
+            ascending,
+            recency,
+            self._pending_boost,
+            now_ns,
+            wanted,
+            on_page,
         )
+        prefetch.add(first_pages, aggregators)
         merged = heapq.merge(
             ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 0, m) for m in chain_stream),
             ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 1, m) for m in pending_stream),
             key=lambda entry: (entry[0], entry[1]),
         )
 
-        aggregators: dict[str, EntityAggregator | None] = {}
         flagged: set[str] = set()
 
         def flag(agg: EntityAggregator) -> None:
@@ -486,7 +530,7 @@ class EntitySearcher:
                 entity_id = match.mutation.entity_id
                 if entity_id in seen:
                     continue  # dedup before the page bounds: an entity ranks by its best mutation only
-                agg = self._aggregate(entity_id, aggregators)
+                agg = self._aggregate(entity_id, aggregators, prefetch)
                 if agg is None:
                     continue
                 if agg.deleted or match.mutation.operation_id not in agg.active_operations:
@@ -550,7 +594,11 @@ class EntitySearcher:
         return (value, operation_id) if ascending else (-value, -operation_id)
 
     def _pages(
-        self, source: MutationSource, query: query_pb2.EntityQuery, wanted: int
+        self,
+        source: MutationSource,
+        query: query_pb2.EntityQuery,
+        wanted: int,
+        on_page: Callable[[list[MutationMetadata], bool], None] | None = None,
     ) -> tuple[int, Iterator[MutationMetadata]]:
         """The source's matching mutations in order, read lazily: a first page sized for `wanted` entities,
         then pages growing `PAGE_GROWTH` times up to `page_size`; at most `max_pages × page_size` in all
@@ -561,6 +609,8 @@ class EntitySearcher:
             size = min(size, cap)
         first = source.search(query, size, 0)
         total = first.total
+        if on_page is not None:
+            on_page(first.mutations, True)
 
         def iterate() -> Iterator[MutationMetadata]:
             page, offset, asked = first, 0, size
@@ -575,6 +625,8 @@ class EntitySearcher:
                 if cap is not None:
                     asked = min(asked, cap - offset)
                 page = source.search(query, asked, offset, with_total=False)
+                if on_page is not None:
+                    on_page(page.mutations, False)
 
         return total, iterate()
 
@@ -589,8 +641,9 @@ class EntitySearcher:
         index_boost: float,
         now_ns: int,
         wanted: int,
+        on_page: Callable[[list[MutationMetadata], bool], None] | None = None,
     ) -> tuple[int, Iterator[_Match]]:
-        total, mutations = self._pages(source, query, wanted)
+        total, mutations = self._pages(source, query, wanted, on_page)
         if not is_score:
             return total, (self._uint_match(m, source_kind) for m in mutations)
         return total, self._score_matches(mutations, source_kind, ascending, recency, index_boost, now_ns)
@@ -672,10 +725,17 @@ class EntitySearcher:
             value += _INT_BIAS
         return _Match(mutation, source_kind, "uint64", value)
 
-    def _aggregate(self, entity_id: str, cache: dict[str, EntityAggregator | None]) -> EntityAggregator | None:
+    def _aggregate(
+        self, entity_id: str, cache: dict[str, EntityAggregator | None], prefetch: _Prefetch | None = None
+    ) -> EntityAggregator | None:
         if entity_id in cache:
             return cache[entity_id]
-        mutations = self._pending.fetch_entity_mutations(entity_id) + self._chain.fetch_entity_mutations(entity_id)
+        pending, chain = prefetch.take(entity_id) if prefetch is not None else (None, None)
+        if pending is None:
+            pending = self._pending.fetch_entity_mutations(entity_id)
+        if chain is None:
+            chain = self._chain.fetch_entity_mutations(entity_id)
+        mutations = pending + chain
         agg = EntityAggregator.from_mutations(mutations) if mutations else None
         if agg is None:
             log.warning("entity %s matched a query but has no indexed mutation", entity_id)

@@ -756,6 +756,24 @@ def test_repeated_searches_reuse_the_page_until_the_index_changes():
     assert ops(index.search(sorted_by_date, 5, 0)) == [28, 27, 26, 25, 24]
 
 
+def test_fetch_entities_mutations_is_fetch_entity_mutations_of_each():
+    index, other = new_index(), new_index()
+    batch = [put(op, f"e{op % 5}", tm(), trait_id=f"t{op}") for op in range(1, 40)]
+    batch += [put(100 + op, "busy", tm(), trait_id=f"b{op}") for op in range(1, 80)]  # more than a first fetch
+    batch += [put(7, "e2", tm(), trait_id="t7"), EntityTombstoneOperation(200, None, "e1")]  # 7 indexed twice
+    for target in (index, other):
+        target.apply(batch)
+    wanted = ["e0", "e1", "e2", "missing", "e0"]
+    assert index.fetch_entities_mutations(wanted) == {e: other.fetch_entity_mutations(e) for e in wanted}
+    assert [m.operation_id for m in index.fetch_entity_mutations("e2")] == [2, 7, 12, 17, 22, 27, 32, 37]
+    assert index.fetch_entities_mutations(["busy", "e3"]) == {
+        "busy": other.fetch_entity_mutations("busy"),
+        "e3": other.fetch_entity_mutations("e3"),
+    }
+    index.apply([DeleteOperationsOperation((2,))])  # the cache filled by the batch is invalidated
+    assert [m.operation_id for m in index.fetch_entities_mutations(["e2", "e3"])["e2"]][:2] == [7, 12]
+
+
 def test_fetch_entity_mutations_of_an_entity_with_many_documents():
     index = new_index()
     index.apply([put(op, "busy", tm(), trait_id=f"t{op}") for op in range(1, 201)])

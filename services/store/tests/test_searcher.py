@@ -747,3 +747,47 @@ def test_score_queries_read_small_pages_first():
     eager = s.searcher(page_size=5000, max_pages=1).search(match_query("word", no_recency_boost=True))
     lazy = searcher.search(match_query("word", no_recency_boost=True))
     assert ids(lazy) == ids(eager)
+
+
+class BatchingFakeIndex(FakeIndex):
+    """A fake index that also fetches several entities' mutations at once (as `MutationIndex`)."""
+
+    def __init__(self, pending: bool) -> None:
+        super().__init__(pending)
+        self.single_fetches = 0
+        self.batch_fetches = 0
+
+    def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]:
+        self.single_fetches += 1
+        return super().fetch_entity_mutations(entity_id)
+
+    def fetch_entities_mutations(self, entity_ids: list[str]) -> dict[str, list[MutationMetadata]]:
+        self.batch_fetches += 1
+        return {e: FakeIndex.fetch_entity_mutations(self, e) for e in entity_ids}
+
+
+def test_batched_entity_fetches_give_the_same_results():
+    stores = [Store(), Store(chain=BatchingFakeIndex(False), pending=BatchingFakeIndex(True))]
+    for store in stores:
+        for i in range(40):
+            store.put(f"e{i % 25}", f"t{i % 3}", op(i), pending=i % 4 == 0, text="word", score=float(i % 7))
+        store.delete_trait("e3", "t0", op(50))
+        store.delete_entity("e4", op(51), pending=True)
+    queries = [
+        all_query(count=5),
+        all_query(count=7, ascending=True),
+        match_query("word"),
+        match_query("word", ascending=True),
+        all_query(count=5, include_deleted=True),
+    ]
+    for query in queries:
+        plain, batched = (store.searcher().search(query) for store in stores)
+        assert plain == batched
+        page = query_pb2.EntityQuery()
+        page.CopyFrom(query)
+        page.paging.CopyFrom(plain.next_page)
+        assert stores[0].searcher().search(page) == stores[1].searcher().search(page)
+    batching = stores[1]
+    assert batching.chain.batch_fetches and batching.pending.batch_fetches
+    # entities of the first pages were fetched in batches, not one by one
+    assert batching.chain.single_fetches < batching.chain.batch_fetches * 5
