@@ -9,6 +9,9 @@ calls/s, p50 and p99 latency.
 The load generator is one asyncio process sending pre-encoded requests (no protobuf work per call), so
 it costs both paths the same. Everything shares the machine's cores: on a 2-core machine the client,
 gateway, store and chain compete for CPU, and the figures say as much about that as about the gateway.
+So the table also gives the CPU time each process spent per call (load generator, gateway, store,
+chain; warm-up included): calls/s move with whatever else runs on the machine, CPU per call much less,
+and their sum bounds what the cores can serve.
 
     .venv/bin/python bench/gateway_bench.py [--duration-s 5] [--clients 1,32] [--keep]
 """
@@ -25,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -51,10 +54,10 @@ class Figures:
     p50_ms: float
     p99_ms: float
     errors: int
-    # CPU time the gateway process used per call during the run (gateway runs only).
-    gateway_cpu_us: float = float("nan")
     # Calls made, warm-up included.
     total_calls: int = 0
+    # CPU time per call of each process during the run (warm-up included): client, gateway, store, chain.
+    cpu_us: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -87,6 +90,26 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measured_load(
+    pids: dict[str, int],
+    address: str,
+    method: str,
+    requests: list[bytes],
+    metadata: tuple,
+    clients: int,
+    duration_s: float,
+) -> Figures:
+    """`run_load` with the CPU time per call of this process ("client") and of each of `pids`."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client_before = time.process_time()
+    figures = await run_load(address, method, requests, metadata, clients, duration_s)
+    calls = max(1, figures.total_calls + figures.errors)
+    figures.cpu_us["client"] = (time.process_time() - client_before) / calls * 1e6
+    for name, pid in pids.items():
+        figures.cpu_us[name] = (cpu_seconds(pid) - before[name]) / calls * 1e6
+    return figures
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -177,14 +200,12 @@ async def bench(args: argparse.Namespace, root: Path) -> int:
             for i in range(1000)
         ]
 
+        pids = {"gateway": processes[2].pid, "store": processes[1].pid, "chain": processes[0].pid}
         rows: list[tuple[str, int, Figures, Figures]] = []
         for label, method, requests in (("Query", QUERY, [query]), ("Mutate", MUTATE, mutations)):
             for clients in args.clients:
-                direct = await run_load(store_address, method, requests, (), clients, args.duration_s)
-                cpu_before = cpu_seconds(processes[2].pid)
-                through = await run_load(gateway_address, method, requests, auth, clients, args.duration_s)
-                cpu_used = cpu_seconds(processes[2].pid) - cpu_before
-                through.gateway_cpu_us = cpu_used / max(1, through.total_calls + through.errors) * 1e6
+                direct = await measured_load(pids, store_address, method, requests, (), clients, args.duration_s)
+                through = await measured_load(pids, gateway_address, method, requests, auth, clients, args.duration_s)
                 rows.append((label, clients, direct, through))
                 print(
                     f"  {label:6} {clients:2} client(s): store {direct.rate:7.0f}/s p50 {direct.p50_ms:6.2f} ms, "
@@ -225,8 +246,18 @@ def report(rows: list[tuple[str, int, Figures, Figures]], args: argparse.Namespa
         print(
             f"{label:6} {clients:7} | {direct.rate:13.0f} {direct.p50_ms:7.2f} {direct.p99_ms:7.2f} | "
             f"{through.rate:15.0f} {through.p50_ms:7.2f} {through.p99_ms:7.2f} | "
-            f"{through.p50_ms - direct.p50_ms:+12.2f} | {through.gateway_cpu_us:13.0f} us{errors}"
+            f"{through.p50_ms - direct.p50_ms:+12.2f} | {through.cpu_us['gateway']:13.0f} us{errors}"
         )
+    print()
+    print("CPU time per call (us) of each process, direct to the store -> through the gateway:")
+    names = ("client", "gateway", "store", "chain")
+    header = f"{'call':6} {'clients':>7} | " + " | ".join(f"{name:>15}" for name in names) + f" | {'sum':>15}"
+    print(header)
+    print("-" * len(header))
+    for label, clients, direct, through in rows:
+        cells = [f"{direct.cpu_us[name]:6.0f} -> {through.cpu_us[name]:5.0f}" for name in names]
+        total = f"{sum(direct.cpu_us.values()):6.0f} -> {sum(through.cpu_us.values()):5.0f}"
+        print(f"{label:6} {clients:7} | " + " | ".join(cells) + f" | {total}")
     print()
     single = [through.p50_ms - direct.p50_ms for _, clients, direct, through in rows if clients == 1]
     by_key = {(label, clients): through for label, clients, _, through in rows}
