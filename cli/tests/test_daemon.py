@@ -28,6 +28,18 @@ def test_one_chain_service_per_cell_with_the_chain_role():
     assert gateway.address == local.listen_addresses.gateway and gateway.argv[2] == "exogateway"
 
 
+def test_an_app_host_node_without_the_chain_role_runs_the_app_host_and_its_gateway():
+    # SPEC 11 gap 6: the original's app host needed a store on its node; ours reaches the cell's
+    # stores through the gateway, so an app-host-only node runs both, and nothing else.
+    local = LocalNode.generate("n")
+    cells = [make_cell(local, [Role.APP_HOST]), make_cell(local, [Role.STORE], "store-only")]
+    children = plan_children(local, cells, "/nodes/n", "info")
+    assert [(c.kind.name, c.cell) for c in children] == [("gateway", cells[0]), ("apphost", cells[0])]
+    assert children[1].argv[1:3] == ["-m", "exoapphost"] and children[1].address == local.listen_addresses.apphost
+    # A node with no role in a cell runs nothing for it.
+    assert plan_children(local, [make_cell(local, [])], "/nodes/n", "info") == []
+
+
 def test_two_cells_cannot_share_the_chain_address():
     local = LocalNode.generate("n")
     cells = [make_cell(local, [Role.CHAIN], "a"), make_cell(local, [Role.CHAIN], "b")]

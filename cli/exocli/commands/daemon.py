@@ -51,13 +51,17 @@ class ServiceKind:
     module: str
     # The `addresses` field of node.yaml it listens on.
     address_field: str
+    # Runs only where the node also has the chain role (a store tails its own node's chain service).
+    needs_chain: bool = True
 
 
 SERVICES: tuple[ServiceKind, ...] = (
     ServiceKind("chain", Role.CHAIN, "exochain", "chain"),
     ServiceKind("store", Role.STORE, "exostore", "store"),
-    ServiceKind("gateway", None, "exogateway", "gateway"),
-    ServiceKind("apphost", Role.APP_HOST, "exoapphost", "apphost"),
+    # The gateway and the app host reach the cell's stores over gRPC, from any node (SPEC 11 gap 6:
+    # the original's app host needed a store on its node).
+    ServiceKind("gateway", None, "exogateway", "gateway", needs_chain=False),
+    ServiceKind("apphost", Role.APP_HOST, "exoapphost", "apphost", needs_chain=False),
 )
 
 
@@ -91,15 +95,22 @@ class Child:
 
 
 def plan_children(local: LocalNode, cells: Sequence[Cell], node_dir: str, log_level: str) -> list[Child]:
-    """The services to run: one per (cell, service kind) where the node has the role. Without the
-    chain role in a cell, nothing runs for it (SPEC 4.6: a store tails its own node's chain)."""
+    """The services to run: one per (cell, service kind) where the node has the role. The chain and
+    the store run only where the node has the chain role (SPEC 4.6: a store tails its own node's
+    chain); the app host runs on the app-host node whatever its other roles, and the gateway in every
+    cell where something else runs (the app host sends its store requests through it)."""
     children: list[Child] = []
+
+    def runs(kind: ServiceKind, cell: Cell) -> bool:
+        roles = cell.local_roles()
+        if kind.needs_chain and Role.CHAIN not in roles:
+            return False
+        if kind.role is not None:
+            return kind.role in roles
+        return any(other.role is not None and runs(other, cell) for other in SERVICES)
+
     for kind in SERVICES:
-        cells_with_role = [
-            cell
-            for cell in cells
-            if (kind.role is None or kind.role in cell.local_roles()) and Role.CHAIN in cell.local_roles()
-        ]
+        cells_with_role = [cell for cell in cells if runs(kind, cell)]
         if len(cells_with_role) > 1:
             # One address per service in node.yaml: two cells' services cannot both listen on it.
             names = ", ".join(cell.name for cell in cells_with_role)

@@ -82,6 +82,17 @@ def test_setup_targets_the_gateway_then_the_store(tmp_path: Path):
     assert store_address_of(setup.cell, AppHostSettings(store_address="10.0.0.1:5")) == "10.0.0.1:5"
 
 
+def test_an_app_host_node_needs_neither_the_store_nor_the_chain_role(tmp_path: Path):
+    # SPEC 11 gap 6: the app host talks to the cell's stores through the node's gateway.
+    directory = make_node(tmp_path, "--no-store", "--no-chain")
+    (cell_id,) = [c.id for c in directory.load_cell_configs()]
+    setup = load_setup(directory.root, cell_id)
+    local = directory.load_local_node()
+    assert setup.store_address == local.addresses.gateway
+    children = plan_children(local, directory.load_cells(local), str(directory.root), "info")
+    assert sorted(c.kind.name for c in children) == ["apphost", "gateway"]
+
+
 def test_a_node_without_the_app_host_role_exits_2(tmp_path: Path):
     directory = make_node(tmp_path, "--no-app-host")
     (cell_id,) = [c.id for c in directory.load_cell_configs()]
