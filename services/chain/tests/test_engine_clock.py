@@ -1,0 +1,85 @@
+"""Operation ids issued by the engine: unique per node of the cell (SPEC 11 gap 16).
+
+An operation id is a consistent timestamp whose 3 sub-millisecond digits above the counter are the
+node's clock slot. The original took `clock_id % 1000` and two nodes sharing it issued the same ids
+in the same millisecond; `ChainCell.clock_slot` gives every node of the cell its own slot.
+"""
+
+from __future__ import annotations
+
+from exochain.core.common import NS_PER_S, ChainCell, EngineConfig, LocalChainNode
+from exochain.core.engine import Engine
+from exochain.model import build_genesis
+from exochain.storage.memory import MemoryChainStore, MemoryMetaStore, MemoryPendingStore
+from exocommon.clock import MockTimeSource
+from exocommon.ids import PeerId, consistent_clock_id
+from exocommon.keys import Keypair
+
+START_NS = 1_699_999_998 * NS_PER_S
+# Two seeds whose node ids share `consistent_clock_id % 1000` (65).
+COLLIDING_SEEDS = (35, 62)
+
+
+def keypair(seed: int) -> Keypair:
+    return Keypair.from_seed(seed.to_bytes(2, "big") * 16)
+
+
+def node_id(kp: Keypair) -> str:
+    return str(PeerId.from_public_key(kp.public_key))
+
+
+def natural_slot(kp: Keypair) -> int:
+    return consistent_clock_id(PeerId.from_public_key(kp.public_key)) % 1000
+
+
+def node_digits(operation_id: int) -> int:
+    return (operation_id // 1000) % 1000
+
+
+def make_cell(keypairs: list[Keypair]) -> tuple[ChainCell, Keypair]:
+    cell_keypair = keypair(999)
+    keys = {node_id(kp): kp.public_key for kp in keypairs}
+    return ChainCell(node_id(cell_keypair), cell_keypair.public_key, keys, keys), cell_keypair
+
+
+def test_colliding_clock_ids_get_distinct_slots_the_same_on_every_node():
+    a, b = (keypair(s) for s in COLLIDING_SEEDS)
+    assert natural_slot(a) == natural_slot(b)
+    others = [keypair(s) for s in range(100, 110)]
+    cell, _ = make_cell([a, b, *others])
+    slots = {nid: cell.clock_slot(nid) for nid in cell.chain_node_ids}
+    assert len(set(slots.values())) == len(slots)
+    # The first by id keeps its natural slot; the other takes the next free one.
+    first, second = sorted([a, b], key=node_id)
+    assert slots[node_id(first)] == natural_slot(first)
+    assert slots[node_id(second)] != natural_slot(second)
+    # A node's own view of the table is the same as any other node's (membership order does not matter).
+    reordered, _ = make_cell([*reversed(others), b, a])
+    assert {nid: reordered.clock_slot(nid) for nid in reordered.chain_node_ids} == slots
+
+
+def test_two_engines_with_colliding_clock_ids_never_issue_the_same_operation_id():
+    keypairs = [keypair(s) for s in COLLIDING_SEEDS]
+    cell, cell_keypair = make_cell(keypairs)
+    genesis = build_genesis(cell.cell_id, cell_keypair)
+    time = MockTimeSource(START_NS)  # both nodes at the very same instant
+    engines = []
+    for kp in keypairs:
+        chain = MemoryChainStore()
+        chain.write_block(genesis)
+        engines.append(
+            Engine(
+                EngineConfig(),
+                LocalChainNode(node_id(kp), kp),
+                cell,
+                chain,
+                MemoryPendingStore(),
+                MemoryMetaStore(),
+                time,
+            )
+        )
+    ids = [engine.append([b"entry %d" % i for i in range(5)], time.now_ns()) for engine in engines]
+    assert not set(ids[0]) & set(ids[1])
+    assert {node_digits(i) for i in ids[0]} != {node_digits(i) for i in ids[1]}
+    for engine, issued in zip(engines, ids, strict=True):
+        assert {node_digits(i) for i in issued} == {cell.clock_slot(engine.local.node_id)}
