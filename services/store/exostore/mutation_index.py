@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import tantivy
@@ -111,10 +111,26 @@ _DOCUMENT_OPERATIONS = (PutTraitOperation, TraitTombstoneOperation, EntityTombst
 _Meta = tuple[str, MutationType, int | None]  # entity id, mutation type, block offset
 
 
+def _meta_from_document(doc: tantivy.Document) -> _Meta:
+    """The metadata of a document about to be indexed (as `_meta_from_doc` reads it back)."""
+    get = doc.get_first
+
+    def first(name: str, default: object) -> object:
+        value = get(name)
+        return default if value is None else value
+
+    return _meta_with(first)
+
+
 def _meta_from_doc(doc: dict[str, list[object]]) -> _Meta:
     def first(name: str, default: object) -> object:
         values = doc.get(name)
         return values[0] if values else default
+
+    return _meta_with(first)
+
+
+def _meta_with(first: Callable[[str, object], object]) -> _Meta:
 
     entity_id = str(first(F_ENTITY_ID, ""))
     block_offset = first(F_BLOCK_OFFSET, None)
@@ -222,6 +238,9 @@ class MutationIndex:
         # chain index) needs no search and no stored-document load.
         self._single: dict[int, str] | None = {} if self.path is None else None
         self._several: set[int] = set()
+        # RAM index only, as committed: every entity's mutations (one per operation id, ascending), kept
+        # up to date by `apply`, so that aggregating an entity needs no search.
+        self._entities: dict[str, list[MutationMetadata]] | None = {} if self.path is None else None
         self._index.reload()
         self._searcher = self._index.searcher()
         self._last_reload = self._last_write = time.monotonic()  # opening may leave merges to finish
@@ -258,6 +277,7 @@ class MutationIndex:
             removed_ops: set[int] = set()
             added_ops: dict[int, str] = {}
             batch_docs: dict[int, tuple[str, int]] = {}  # entity id, documents added since its last removal
+            adds: list[tuple[int, str, _Meta]] = []  # RAM index: documents added and not removed since
             changed = 0
             try:
                 for op in ops:
@@ -285,9 +305,15 @@ class MutationIndex:
                             tantivy.Query.term_set_query(self.schema.tantivy_schema, F_OPERATION_ID, ids)
                         )
                         removed_ops.update(ids)
+                        if adds:
+                            gone = set(ids)
+                            adds = [add for add in adds if add[0] not in gone]
                         continue
-                    writer.add_document(self._document_for(op, documents))
+                    doc = self._document_for(op, documents)
+                    writer.add_document(doc)
                     operation_id, entity_id = op.operation_id, op.entity_id
+                    if single is not None:
+                        adds.append((operation_id, entity_id, _meta_from_document(doc)))
                     added_ops[operation_id] = entity_id
                     batch_docs[operation_id] = (entity_id, batch_docs.get(operation_id, ("", 0))[1] + 1)
                     touched.add(entity_id)
@@ -319,7 +345,32 @@ class MutationIndex:
                     self._entity_cache.pop(entity_id, None)
                 for operation_id in removed_ops:
                     self._meta_cache.pop(operation_id, None)
+                if self._entities is not None:
+                    self._update_entities(touched, removed_ops, adds)
             return changed
+
+    def _update_entities(self, touched: set[str], removed_ops: set[int], adds: list[tuple[int, str, _Meta]]) -> None:
+        """RAM index: `_entities` and the metadata cache after a commit (under `_cache_lock`)."""
+        entities = self._entities
+        assert entities is not None
+        if removed_ops:
+            for entity_id in touched:
+                mutations = entities.get(entity_id)
+                if mutations is not None:
+                    kept = [m for m in mutations if m.operation_id not in removed_ops]
+                    if kept:
+                        entities[entity_id] = kept
+                    else:
+                        del entities[entity_id]
+        for operation_id, _entity_id, meta in adds:
+            self._remember_meta(operation_id, meta)
+            mutations = entities.setdefault(meta[0], [])
+            if any(m.operation_id == operation_id for m in mutations):
+                continue  # indexed twice: one per operation id
+            sort_value = SortValue(SortKind.UINT, operation_id, operation_id)
+            mutations.append(MutationMetadata(operation_id, meta[2], meta[0], meta[1], sort_value))
+            if len(mutations) > 1 and mutations[-2].operation_id > operation_id:
+                mutations.sort(key=lambda m: m.operation_id)
 
     def _docs_for_operations(self, operation_ids: list[int]) -> list[tuple[int, _Meta]]:
         searcher = self._searcher
@@ -627,18 +678,24 @@ class MutationIndex:
         meta = self._meta_cache.get(operation_id)
         if meta is None:
             meta = _meta_from_doc(searcher.doc(addr).to_dict())
-            cache = self._meta_cache
-            if len(cache) >= self._meta_cache_size:  # drop the oldest tenth
-                try:
-                    for key in list(itertools.islice(cache, max(1, self._meta_cache_size // 10))):
-                        cache.pop(key, None)
-                except RuntimeError:  # pragma: no cover - resized by another thread
-                    pass
-            cache[operation_id] = meta
+            self._remember_meta(operation_id, meta)
         return meta
+
+    def _remember_meta(self, operation_id: int, meta: _Meta) -> None:
+        cache = self._meta_cache
+        if len(cache) >= self._meta_cache_size:  # drop the oldest tenth
+            try:
+                for key in list(itertools.islice(cache, max(1, self._meta_cache_size // 10))):
+                    cache.pop(key, None)
+            except RuntimeError:  # pragma: no cover - resized by another thread
+                pass
+        cache.setdefault(operation_id, meta)
 
     def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]:
         """Every document of `entity_id`, ascending operation id, one per operation id (cached)."""
+        if self._entities is not None:
+            with self._cache_lock:
+                return list(self._entities.get(entity_id, ()))
         with self._cache_lock:
             cached = self._entity_cache.get(entity_id)
             if cached is not None:
@@ -677,6 +734,9 @@ class MutationIndex:
         (unless one of them has many documents: then one search each, as `fetch_entity_mutations`)."""
         found: dict[str, list[MutationMetadata]] = {}
         missing: list[str] = []
+        if self._entities is not None:
+            with self._cache_lock:
+                return {e: list(self._entities.get(e, ())) for e in entity_ids}
         with self._cache_lock:
             for entity_id in dict.fromkeys(entity_ids):
                 cached = self._entity_cache.get(entity_id)

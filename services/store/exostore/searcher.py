@@ -490,10 +490,8 @@ class EntitySearcher:
         first_pages: list[MutationMetadata] = []
 
         def on_page(mutations: list[MutationMetadata], first: bool) -> None:
-            if first:  # both indices' first pages go in one batch
+            if first:  # both indices' first pages go in one batch; further pages are rarely read far
                 first_pages.extend(mutations)
-            else:
-                prefetch.add(mutations, aggregators)
 
         chain_total, chain_stream = self._stream(
             self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns, wanted, on_page
