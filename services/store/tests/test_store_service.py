@@ -242,6 +242,27 @@ async def test_return_entities_waits_for_the_index_and_runs_an_operations_query(
     assert [r.entity.id for r in found.entities] == [entity.id]
 
 
+async def test_small_pages_run_inline_and_large_ones_on_the_query_pool(env, monkeypatch):
+    service, _, _ = env
+    await service.mutate(mutation_pb2.MutationRequest(mutations=[put(f"word{i}") for i in range(3)], wait_indexed=True))
+    pooled: list[query_pb2.EntityQuery] = []
+    search = service._search
+
+    async def counting(query: query_pb2.EntityQuery) -> query_pb2.EntityResults:
+        pooled.append(query)
+        return await search(query)
+
+    monkeypatch.setattr(service, "_search", counting)
+    small = query_pb2.EntityQuery(all=query_pb2.AllPredicate())
+    large = query_pb2.EntityQuery(all=query_pb2.AllPredicate(), paging=query_pb2.Paging(count=1000))
+    inline, on_pool = await service.query(small), await service.query(large)
+    assert pooled == [large]
+    assert [r.entity.id for r in inline.entities] == [r.entity.id for r in on_pool.entities]
+    assert len(inline.entities) == 3
+    with pytest.raises(InvalidArgument):  # errors come out the same way
+        await service.query(query_pb2.EntityQuery(test=query_pb2.TestPredicate()))
+
+
 async def test_wait_indexed_times_out_with_deadline_exceeded(env):
     service, chain, _ = env
     chain.deliver = False
