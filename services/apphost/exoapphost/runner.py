@@ -15,6 +15,10 @@ Theory of operation
   later from any thread; the reply goes through the inbox, tagged with the run (generation) that
   sent the request, so replies to a dead run are dropped. At most `store_requests_in_flight_max`
   requests per app await a reply; beyond that the app gets an immediate error reply.
+* **Time**: the guest's `__exocore_host_now` is consistent time (SPEC 1.9: a `Clock`, by default
+  one per runner over `wall_ns`; the service shares the node's among its apps), not the bare wall
+  clock (SPEC 11: the original's TODO): it never goes back nor repeats, even when the wall clock is
+  set back, and the delay to the tick an app asks for is measured on that same clock.
 * **Failures**: any `AppFault` (trap, fuel, deadline, memory, bad out-message, exit, or a package
   that does not load) ends the run: the reason is logged with the app's identity and kept as
   `last_error`, the state becomes BACKOFF, and the app restarts after `RestartPolicy`'s delay
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Protocol
 
 from exocommon.apps import load_manifest
+from exocommon.clock import Clock
 from exocommon.errors import ExocoreError
 from exocore.apps import runtime_pb2
 from exocore.apps.v1 import app_host_pb2
@@ -110,6 +115,19 @@ class StoreBridge(Protocol):
     ) -> None: ...
 
 
+class _WallTime:
+    """A `TimeSource` over a wall clock function (the runner's monotonic clock is its own)."""
+
+    def __init__(self, wall_ns: Callable[[], int]) -> None:
+        self._wall_ns = wall_ns
+
+    def now_ns(self) -> int:
+        return self._wall_ns()
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns()
+
+
 def next_tick_delay_s(requested_ns: int, now_ns: int) -> float:
     """Seconds until the next tick, for an app that asked for `requested_ns` (0 = no request)."""
     if requested_ns == 0:
@@ -164,6 +182,7 @@ class AppRunner:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_ns: Callable[[], int] = time.time_ns,
+        guest_clock: Clock | None = None,
         recent_logs: int = 200,
     ) -> None:
         self.spec = spec
@@ -173,6 +192,8 @@ class AppRunner:
         self.bridge = bridge
         self._clock = clock
         self._wall_ns = wall_ns
+        # The guest's time (see module docstring).
+        self.guest_clock = guest_clock if guest_clock is not None else Clock(0, _WallTime(wall_ns))
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._restart = threading.Event()
@@ -316,7 +337,7 @@ class AppRunner:
             name=self.spec.name,
             on_log=self._on_guest_log,
             on_out_message=self._on_out_message,
-            clock_ns=self._wall_ns,
+            clock_ns=self.guest_clock.consistent_time,
         )
         self._instance = instance
         try:
@@ -342,7 +363,7 @@ class AppRunner:
                             )
                 requested = instance.tick()
                 self._ticks += 1
-                next_tick = self._clock() + next_tick_delay_s(requested, self._wall_ns())
+                next_tick = self._clock() + next_tick_delay_s(requested, self.guest_clock.consistent_time())
                 self._memory_bytes = instance.memory_bytes()
         finally:
             self._memory_bytes = instance.stats.memory_bytes or self._memory_bytes

@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from exocommon.apps import InstalledApp, installed_apps
+from exocommon.clock import Clock
 from exocommon.config import Cell, NodeDirectory
 from exocommon.errors import ExocoreError, NotFound
 from exocommon.ids import PeerId
@@ -56,6 +57,8 @@ class AppHostService:
         self.store_address = store_address
         self.stop_timeout_s = stop_timeout_s
         self.runners: dict[str, AppRunner] = {}
+        # The apps' time: the node's consistent clock, shared (two apps never read the same instant).
+        self.clock = Clock.for_node(cell.local_node.node_id)
         self._listed: list[InstalledApp] = []
         self._cell_stamp: tuple[int, int] | None = None
 
@@ -77,7 +80,9 @@ class AppHostService:
         raise NotFound(f"cell {self.cell_id} is no longer configured on this node")
 
     def _make_runner(self, spec: AppSpec) -> AppRunner:
-        return AppRunner(spec, self.engine, self.settings.limits, self.settings.restart, self.bridge)
+        return AppRunner(
+            spec, self.engine, self.settings.limits, self.settings.restart, self.bridge, guest_clock=self.clock
+        )
 
     def reconcile(self) -> None:
         """Start, stop or replace runners so they match the cell's installed apps. Blocking (a

@@ -14,6 +14,7 @@ import pytest
 from exoapphost.runner import REPLY_TYPES, AppRunner, AppSpec, AppState
 from exoapphost.runtime import FaultKind, WasmEngine
 from exoapphost.settings import AppLimits, RestartPolicy
+from exocommon.clock import NS_PER_SEC, Clock, MockTimeSource
 from exocore.apps import runtime_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -223,3 +224,46 @@ def test_a_package_that_does_not_load_is_retried_with_backoff(engine: WasmEngine
         assert runner.status().last_error.startswith("invalid package: ")
     finally:
         runner.stop()
+
+
+class RecordingClock(Clock):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.issued: list[int] = []
+
+    def consistent_time(self) -> int:
+        value = super().consistent_time()
+        self.issued.append(value)
+        return value
+
+
+def test_guest_time_is_consistent_time_that_never_goes_back(engine: WasmEngine, wat_guest):
+    # SPEC 11: the original gave apps the bare wall clock (a TODO said consistent time).
+    wall = MockTimeSource()
+    default = AppRunner(
+        AppSpec("id", "app", "1", wasm=b""), engine, AppLimits(), FAST_RESTART, FakeBridge(), wall_ns=wall.now_ns
+    )
+    before = default.guest_clock.consistent_time()
+    wall.set(wall.now_ns() - 3600 * NS_PER_SEC)
+    assert default.guest_clock.consistent_time() > before
+
+    clock = RecordingClock(0, wall)
+    runner = AppRunner(
+        AppSpec("id", "app", "1", wasm=wat_guest()),
+        engine,
+        AppLimits(),
+        FAST_RESTART,
+        FakeBridge(),
+        wall_ns=wall.now_ns,
+        guest_clock=clock,
+    )
+    runner.start()
+    try:
+        wait_until(lambda: runner.status().ticks > 3, what="ticks")
+        wall.set(wall.now_ns() - 3600 * NS_PER_SEC)  # the wall clock is set back an hour
+        ticks = runner.status().ticks
+        # The app still ticks every 10 ms: the delay it asked for is measured on its own clock.
+        wait_until(lambda: runner.status().ticks > ticks + 5, timeout=2, what="ticks after the clock went back")
+    finally:
+        runner.stop()
+    assert clock.issued == sorted(set(clock.issued))  # strictly increasing, whatever the wall clock did

@@ -12,12 +12,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from exoapphost.runner import REPLY_TYPES
+from exoapphost.runner import REPLY_TYPES, AppSpec
 from exoapphost.runtime import WasmEngine
 from exoapphost.service import AppHostService, registrations
 from exoapphost.settings import AppHostSettings, AppLimits, RestartPolicy
 from exocli.main import main as exo_main
 from exocommon.apps import install_package, package_app
+from exocommon.clock import Clock
 from exocommon.config import NodeDirectory
 from exocommon.grpc_util import ServiceServer
 from exocommon.keys import Keypair
@@ -80,6 +81,9 @@ async def test_status_restart_and_reload(node: NodeDirectory, tmp_path: Path, ex
     )
     engine = WasmEngine()
     service = AppHostService(node, cell, settings, engine, AnsweringBridge(), store_address="127.0.0.1:1")
+    # Every app reads the node's consistent clock (SPEC 11: not the bare wall clock).
+    assert service.clock.clock_id == Clock.for_node(cell.local_node.node_id).clock_id
+    assert service._make_runner(AppSpec("id", "app", "1", wasm=b"")).guest_clock is service.clock
     await asyncio.to_thread(service.reconcile)
     server = ServiceServer("apphost", "127.0.0.1:0", registrations(service), drain_delay_s=0)
     await server.start()
