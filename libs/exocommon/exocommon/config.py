@@ -7,7 +7,9 @@ YAML format (the original's serde serialization of `exocore/core/config.proto`):
 * keys are the snake_case proto field names; enums are integers (enum names are also accepted);
 * `oneof location` is flattened: its variant is a plain key (`inline:`);
 * wrapper fields (`UInt64Value`...) are plain numbers; an explicit `0` is kept (it is "set");
-* unknown keys are silently ignored at every level; `null` means "not set";
+* unknown keys are ignored at every level, with a warning naming the key and, when one is close,
+  the field it may have meant (the original ignored them silently, and its example node.yaml misspelt
+  two store settings, SPEC 11 item 13); `null` means "not set";
 * on save, fields at their default (empty strings/lists, unset messages/wrappers) are omitted and
   fields are written in proto declaration order.
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import difflib
+import logging
 import os
 import re
 import tempfile
@@ -41,6 +45,8 @@ from exocommon.errors import InvalidArgument
 from exocommon.ids import CellId, NodeId, PeerId
 from exocommon.keys import Keypair, PublicKey
 from exocore.core import config_pb2
+
+log = logging.getLogger(__name__)
 
 LocalNodeConfig = config_pb2.LocalNodeConfig
 NodeAddresses = config_pb2.NodeAddresses
@@ -195,6 +201,17 @@ def _parse_scalar(value: Any, fd: FieldDescriptor, path: str, source: str) -> An
     raise ConfigError(source, path, f"unsupported field type {t}")  # pragma: no cover
 
 
+def _warn_unknown_key(key: object, fields: Mapping[str, FieldDescriptor], path: str, source: str) -> None:
+    """Unknown keys are ignored (forward compatibility), but said: a misspelt setting would
+    otherwise silently keep its default."""
+    where = _join(path, str(key))
+    close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.75)
+    # Among close names, the one sharing the longest prefix (settings differ by their last words).
+    close.sort(key=lambda name: -len(os.path.commonprefix([name, str(key)])))
+    hint = f" (did you mean {_join(path, close[0])}?)" if close else ""
+    log.warning("%s: %s: unknown key, ignored%s", source, where, hint)
+
+
 def _parse_message(data: Any, msg: Message, path: str, source: str) -> None:
     if data is None:
         return
@@ -203,8 +220,11 @@ def _parse_message(data: Any, msg: Message, path: str, source: str) -> None:
     fields = msg.DESCRIPTOR.fields_by_name
     for key, value in data.items():
         fd = fields.get(key) if isinstance(key, str) else None
-        if fd is None or value is None:
-            continue  # unknown keys are ignored; null means "not set"
+        if fd is None:
+            _warn_unknown_key(key, fields, path, source)
+            continue
+        if value is None:
+            continue  # null means "not set"
         fpath = _join(path, key)
         if fd.is_repeated:
             if not isinstance(value, list):

@@ -1,5 +1,6 @@
 """Node/cell config YAML, validation, editing helpers, node directory and settings (SPEC 1.5-1.8, 9.1)."""
 
+import logging
 import os
 import shutil
 import stat
@@ -140,6 +141,31 @@ def test_example_runtime_model(example_dir):
     assert cell.local_roles() == {1, 2, 3}
     assert cell.has_quorum(1) is False and cell.has_quorum(2) is True
     assert cell.has_quorum(1, c.CHAIN_ROLE) is True
+
+
+def test_unknown_keys_are_ignored_with_a_warning_naming_the_setting_meant(caplog):
+    # SPEC 11 item 13: the original's example node.yaml misspelt two store settings, which then
+    # silently kept their defaults. They are still ignored, but each unknown key is said.
+    with caplog.at_level(logging.WARNING, logger="exocommon.config"):
+        NodeDirectory(FIXTURE).load_node_config()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "store.index.chain_index_deferred_query_interval: unknown key, ignored "
+        "(did you mean store.index.chain_index_deferred_query_secs?)" in w
+        for w in warnings
+    ), warnings
+    assert any(
+        "store.index.chain_index_deferred_max_interval: unknown key, ignored "
+        "(did you mean store.index.chain_index_deferred_max_secs?)" in w
+        for w in warnings
+    ), warnings
+    assert any(w.endswith("an_unknown_top_level_key: unknown key, ignored") for w in warnings), warnings
+    # A config written by this project has no unknown key: loading it says nothing.
+    text = c.node_config_to_yaml(NodeDirectory(FIXTURE).load_node_config())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="exocommon.config"):
+        c.node_config_from_yaml(text)
+    assert not caplog.records
 
 
 def test_unknown_keys_ignored_at_every_level():
