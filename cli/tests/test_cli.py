@@ -15,9 +15,7 @@ VECTORS = [
 
 
 def exo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "exocli", *args], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-m", "exocli", *args], capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
         raise AssertionError(f"exo {' '.join(args)} failed ({result.returncode}): {result.stderr}")
     return result
@@ -133,3 +131,51 @@ def test_two_cells_need_a_selection(tmp_path: Path):
 def test_version():
     out = exo("version").stdout
     assert out.startswith("exo 0.1.0") and "grpcio 1.85" in out
+
+
+def test_every_command_the_cli_tells_the_user_to_run_exists():
+    # SPEC 11 item 13: the original's `exo cell join --manual` told the user to run `exo cell print
+    # --inline`, which does not exist. Every `exo ...` quoted in the CLI's messages and help must
+    # name an existing command and flags (arguments it leaves out are fine: prose may skip them).
+    import contextlib
+    import io
+    import re
+    import shlex
+
+    from exocli.main import build_parser
+
+    def refusal(command: str) -> str:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                build_parser().parse_args(shlex.split(command))
+        except SystemExit:
+            return err.getvalue()
+        return ""
+
+    quoted = set()
+    for source in (Path(__file__).parents[1] / "exocli").rglob("*.py"):
+        for match in re.finditer(r"`exo ([^`]*)`", source.read_text()):
+            command = match.group(1)
+            if re.search(r"[{<|\[]|\.\.\.|[A-Z]{2,}", command):
+                continue  # placeholders
+            quoted.add(command.split(">")[0].strip())
+    assert {"config print --cell", "cell print", "cell join --from-file c.yaml"} <= quoted
+    for command in sorted(quoted):
+        error = refusal(command)
+        assert "invalid choice" not in error and "unrecognized arguments" not in error, (command, error)
+    assert "unrecognized arguments: --inline" in refusal("cell print --inline")
+    assert refusal("config print --inline") == ""
+
+
+def test_the_discovery_server_and_client_share_one_default_port():
+    # SPEC 11 item 13: the original's library defaulted to 8005 and its CLI to 8085.
+    import inspect
+
+    from exocli.main import build_parser
+    from exocommon.discovery import DEFAULT_PORT
+    from exogateway.discovery import DiscoveryServer
+
+    assert DEFAULT_PORT == 8085
+    assert build_parser().parse_args(["discovery", "daemon"]).port == DEFAULT_PORT
+    assert inspect.signature(DiscoveryServer).parameters["http_port"].default == DEFAULT_PORT
