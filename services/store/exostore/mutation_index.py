@@ -89,6 +89,7 @@ ENTITY_MUTATIONS_FIRST = 64
 REFRESH_INTERVAL = 1.0  # seconds between searcher reloads picking up background merges
 MERGE_WINDOW = 60.0  # seconds after a write during which background merges may still finish
 RESULTS_CACHE_SIZE = 256  # searches whose page is kept while the index does not change
+TIE_LOOKAHEAD = 64  # extra hits a first score-ordered search fetches (see `_search_by_score`)
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
 SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
 DOCUMENT_CACHE_SIZE = 20_000  # pending documents kept for the chain index (~2 KB each for a note)
@@ -542,7 +543,10 @@ class MutationIndex:
         # tantivy breaks score ties by document address: fetch more until the run of scores equal to the
         # page boundary's is complete, so that ties are ordered by operation id (exact paging by offset).
         # Without a count, tantivy's top-k skips blocks whose best score cannot make the page.
-        limit = window + 1  # one more than needed: tells whether the boundary's run goes on
+        # One more than needed tells whether the boundary's run goes on; a few more than that usually hold the
+        # whole run (equal BM25 scores are common: same term frequency and length) for little more than the
+        # top-k itself, where a second search would cost as much as the first.
+        limit = window + 1 + min(3 * window, TIE_LOOKAHEAD)
         total = -1
         while True:
             counting = with_total and total < 0

@@ -574,7 +574,7 @@ class EntitySearcher:
             results.next_page.CopyFrom(next_page)
         if not skipped:
             for candidate in selected:
-                results.entities.append(self._entity_result(candidate, query))
+                self._fill_result(results.entities.add(), candidate, query)
         return results
 
     def fetch_entity(self, entity_id: str, include_deleted: bool = False) -> entity_pb2.Entity | None:
@@ -740,45 +740,54 @@ class EntitySearcher:
         cache[entity_id] = agg
         return agg
 
-    def _entity_result(self, candidate: _Candidate, query: query_pb2.EntityQuery) -> query_pb2.EntityResult:
-        return query_pb2.EntityResult(
-            entity=self._entity(candidate.aggregator, query.projections, query.include_deleted),
-            source=candidate.match.source,
-            ordering_value=_ov_to_proto(candidate.ordering_value),
-            hash=candidate.aggregator.hash,
-        )
+    def _fill_result(self, result: query_pb2.EntityResult, candidate: _Candidate, query: query_pb2.EntityQuery) -> None:
+        """Builds the result in place (each message assignment or append would copy the traits again)."""
+        self._fill_entity(result.entity, candidate.aggregator, query.projections, query.include_deleted)
+        result.source = candidate.match.source
+        _set_ov(result.ordering_value, candidate.ordering_value)
+        result.hash = candidate.aggregator.hash
 
     def _entity(
         self, agg: EntityAggregator, projections: Sequence[query_pb2.Projection], include_deleted: bool
     ) -> entity_pb2.Entity:
-        entity = entity_pb2.Entity(id=agg.entity_id, last_operation_id=agg.last_operation_id)
-        if agg.creation_date is not None:
-            entity.creation_date.CopyFrom(timestamp_to_proto(agg.creation_date))
-        if agg.modification_date is not None:
-            entity.modification_date.CopyFrom(timestamp_to_proto(agg.modification_date))
-        if agg.deletion_date is not None:
-            entity.deletion_date.CopyFrom(timestamp_to_proto(agg.deletion_date))
-        for trait_id in sorted(agg.traits):
-            trait = self._trait(agg, agg.traits[trait_id], projections, include_deleted)
-            if trait is not None:
-                entity.traits.append(trait)
+        entity = entity_pb2.Entity()
+        self._fill_entity(entity, agg, projections, include_deleted)
         return entity
 
-    def _trait(
+    def _fill_entity(
         self,
+        entity: entity_pb2.Entity,
+        agg: EntityAggregator,
+        projections: Sequence[query_pb2.Projection],
+        include_deleted: bool,
+    ) -> None:
+        entity.id = agg.entity_id
+        entity.last_operation_id = agg.last_operation_id
+        if agg.creation_date is not None:
+            _set_ts(entity.creation_date, agg.creation_date)
+        if agg.modification_date is not None:
+            _set_ts(entity.modification_date, agg.modification_date)
+        if agg.deletion_date is not None:
+            _set_ts(entity.deletion_date, agg.deletion_date)
+        for trait_id in sorted(agg.traits):
+            self._add_trait(entity, agg, agg.traits[trait_id], projections, include_deleted)
+
+    def _add_trait(
+        self,
+        entity: entity_pb2.Entity,
         agg: EntityAggregator,
         trait_agg: TraitAggregator,
         projections: Sequence[query_pb2.Projection],
         include_deleted: bool,
-    ) -> entity_pb2.Trait | None:
+    ) -> None:
         last_put = trait_agg.last_put
         if last_put is None:
-            return None  # only tombstones: nothing to show
+            return  # only tombstones: nothing to show
         projection = find_projection(trait_agg.trait_type, projections) if projections else None
         if projection is not None and projection.skip:
-            return None
+            return
         if trait_agg.deleted and not include_deleted:
-            return None
+            return
 
         fetched = self._fetch_trait(last_put.operation_id, last_put.block_offset)
         if fetched is None:
@@ -788,15 +797,15 @@ class EntitySearcher:
                 trait_agg.trait_id,
                 agg.entity_id,
             )
-            return None
+            return
         entity_id, fetched_trait = fetched
         if entity_id != agg.entity_id:
             log.error(
                 "operation %d belongs to entity %s, not to entity %s", last_put.operation_id, entity_id, agg.entity_id
             )
-            return None
+            return
 
-        trait = entity_pb2.Trait()
+        trait = entity.traits.add()
         trait.CopyFrom(fetched_trait)
         if projection is not None:
             project_trait_fields(trait, projection, self._pool)
@@ -808,9 +817,29 @@ class EntitySearcher:
             if date is None:
                 trait.ClearField(name)
             else:
-                getattr(trait, name).CopyFrom(timestamp_to_proto(date))
+                _set_ts(getattr(trait, name), date)
         trait.last_operation_id = trait_agg.last_operation_id or 0
-        return trait
+
+
+def _set_ts(target: Any, ns: int) -> None:
+    """Sets a `Timestamp` field in place (as `timestamp_to_proto`)."""
+    target.seconds, target.nanos = divmod(ns, 1_000_000_000)
+
+
+def _set_ov(target: query_pb2.OrderingValue, value: _OV) -> None:
+    """`_ov_to_proto` written into an existing message."""
+    kind, primary, op_id = value
+    target.operation_id = op_id
+    if kind == "float":
+        target.float = float(primary)
+    elif kind == "uint64":
+        target.uint64 = int(primary)
+    elif kind == "date":
+        _set_ts(target.date, int(primary))
+    elif kind == "min":
+        target.min = True
+    elif kind == "max":
+        target.max = True
 
 
 __all__ = [
