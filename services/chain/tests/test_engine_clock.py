@@ -1,14 +1,21 @@
-"""Operation ids issued by the engine: unique per node of the cell (SPEC 11 gap 16).
+"""Operation ids issued by the engine, and the clocks they come from.
 
-An operation id is a consistent timestamp whose 3 sub-millisecond digits above the counter are the
-node's clock slot. The original took `clock_id % 1000` and two nodes sharing it issued the same ids
-in the same millisecond; `ChainCell.clock_slot` gives every node of the cell its own slot.
+* Unique per node of the cell (SPEC 11 gap 16): an operation id is a consistent timestamp whose 3
+  sub-millisecond digits above the counter are the node's clock slot. The original took
+  `clock_id % 1000` and two nodes sharing it issued the same ids in the same millisecond;
+  `ChainCell.clock_slot` gives every node of the cell its own slot.
+* Clock disagreement is reported (SPEC 11 gap 18): ids follow their author's wall clock, so a node
+  receiving operations dated after its own clock logs it.
 """
 
 from __future__ import annotations
 
-from exochain.core.common import NS_PER_S, ChainCell, EngineConfig, LocalChainNode
-from exochain.core.engine import Engine
+import logging
+
+import pytest
+
+from exochain.core.common import NS_PER_S, ChainCell, ChainSyncStatus, EngineConfig, LocalChainNode
+from exochain.core.engine import CLOCK_WARN_INTERVAL_NS, Engine
 from exochain.model import build_genesis
 from exochain.storage.memory import MemoryChainStore, MemoryMetaStore, MemoryPendingStore
 from exocommon.clock import MockTimeSource
@@ -83,3 +90,79 @@ def test_two_engines_with_colliding_clock_ids_never_issue_the_same_operation_id(
     assert {node_digits(i) for i in ids[0]} != {node_digits(i) for i in ids[1]}
     for engine, issued in zip(engines, ids, strict=True):
         assert {node_digits(i) for i in issued} == {cell.clock_slot(engine.local.node_id)}
+
+
+class TwoNodes:
+    """Two engines on their own mock clocks, `offset_ns` apart, exchanging messages directly."""
+
+    def __init__(self, offset_ns: int) -> None:
+        keypairs = [keypair(1), keypair(2)]
+        cell, cell_keypair = make_cell(keypairs)
+        genesis = build_genesis(cell.cell_id, cell_keypair)
+        self.times = [MockTimeSource(START_NS), MockTimeSource(START_NS + offset_ns)]
+        self.engines = []
+        for kp, time in zip(keypairs, self.times, strict=True):
+            chain = MemoryChainStore()
+            chain.write_block(genesis)
+            self.engines.append(
+                Engine(
+                    EngineConfig(),
+                    LocalChainNode(node_id(kp), kp),
+                    cell,
+                    chain,
+                    MemoryPendingStore(),
+                    MemoryMetaStore(),
+                    time,
+                )
+            )
+        self.run(20)
+        assert [e.chain_sync.status for e in self.engines] == [ChainSyncStatus.SYNCHRONIZED] * 2
+
+    def run(self, ticks: int) -> None:
+        for _ in range(ticks):
+            for engine, time in zip(self.engines, self.times, strict=True):
+                time.advance_ms(100)
+                engine.tick(time.now_ns())
+            for _ in range(5):
+                for engine in self.engines:
+                    for out in engine.take_outbox():
+                        index = next(i for i, e in enumerate(self.engines) if e.local.node_id == out.to_node_id)
+                        self.engines[index].on_message(engine.local.node_id, out.message, self.times[index].now_ns())
+
+    def append(self, index: int) -> int:
+        [operation_id] = self.engines[index].append([b"entry"], self.times[index].now_ns())
+        self.run(1)
+        assert self.engines[1 - index].pending.get(operation_id) is not None
+        return operation_id
+
+
+def clock_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "the two clocks disagree" in r.getMessage()]
+
+
+def test_operations_dated_after_our_clock_are_reported_once_a_minute(caplog: pytest.LogCaptureFixture):
+    nodes = TwoNodes(offset_ns=10 * NS_PER_S)  # node 1's clock is 10 s ahead of node 0's
+    with caplog.at_level(logging.WARNING, logger="exochain.core.engine"):
+        nodes.append(1)
+        nodes.append(1)
+    [warning] = clock_warnings(caplog)
+    assert f"operations of node {nodes.engines[1].local.node_id} are dated 9." in warning
+    # Node 1 receives operations from its past: nothing to say.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="exochain.core.engine"):
+        nodes.append(0)
+    assert clock_warnings(caplog) == []
+    # A minute later, still ahead: said again.
+    for time in nodes.times:
+        time.advance(CLOCK_WARN_INTERVAL_NS)
+    with caplog.at_level(logging.WARNING, logger="exochain.core.engine"):
+        nodes.append(1)
+    assert len(clock_warnings(caplog)) == 1
+
+
+def test_clocks_a_few_hundred_ms_apart_say_nothing(caplog: pytest.LogCaptureFixture):
+    nodes = TwoNodes(offset_ns=400 * 1_000_000)
+    with caplog.at_level(logging.WARNING, logger="exochain.core.engine"):
+        nodes.append(1)
+        nodes.append(0)
+    assert clock_warnings(caplog) == []

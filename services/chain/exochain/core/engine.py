@@ -16,6 +16,12 @@ commit (propose, sign, commit, next proposal) then follows the message that enab
 waiting for the next tick of the node concerned. Its rounds cost what changed (see
 `CommitIndex`), so running it that often is cheap. Its own new operations (proposals, votes) are
 pushed as urgent messages.
+
+Clocks (SPEC 11 gap 18): operation ids are consistent timestamps of their author's wall clock, and
+the newest id of a trait wins, so a write made through a node whose clock is behind, after a write
+made through another, can sort before it. Nothing here synchronizes clocks; an operation received
+dated more than `CLOCK_AHEAD_WARN_NS` after this node's clock (it cannot have been made in the
+future: the two clocks disagree) is logged as a warning, at most once a minute per author.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from exochain.core.commit_manager import ENGINE_ROUNDS_PER_TICK, CommitManager
 from exochain.core.common import (
     META_CLEANUP_HEIGHT,
     META_CLEANUP_OFFSET,
+    NS_PER_MS,
+    NS_PER_S,
     ChainCell,
     ChainSyncStatus,
     EngineConfig,
@@ -45,6 +53,8 @@ from exocore.chain.v1 import chain_pb2
 log = logging.getLogger(__name__)
 
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
+CLOCK_AHEAD_WARN_NS = 2 * NS_PER_S
+CLOCK_WARN_INTERVAL_NS = 60 * NS_PER_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +141,8 @@ class Engine:
         self._events: list[EngineEvent] = []
         # Per chain peer: the highest local entry id the shell delivered to it (`peer_received`).
         self._peers_received: dict[str, int] = {}
+        # Per author: when its clock was last reported ahead of ours (see module docstring).
+        self._clock_warned_ns: dict[str, int] = {}
         if chain.last_block() is None:
             log.warning("chain of cell %s has no genesis block; waiting to download it", cell.cell_id)
 
@@ -178,6 +190,7 @@ class Engine:
             outgoing, new_ops = self.pending_sync.handle_request(from_node_id, message.pending_sync, now_ns)
             self._outbox.extend(outgoing)
             if new_ops:
+                self._check_clocks(new_ops, now_ns)
                 self._events.append(NewPendingOperations(new_ops))
                 # A proposal or a vote arrived: sign or commit now rather than at the next tick (each
                 # step of a commit would otherwise wait for a tick of the node concerned). Entries only
@@ -269,6 +282,28 @@ class Engine:
         if result.out_of_sync:
             log.info("commit manager found the chain out of sync; resynchronizing")
             self.chain_sync.reset()
+
+    def _check_clocks(self, ops: Sequence[SignedOp], now_ns: int) -> None:
+        ahead: dict[str, int] = {}
+        for op in ops:
+            dated = op.operation_id - op.operation_id % NS_PER_MS
+            if dated - now_ns > CLOCK_AHEAD_WARN_NS:
+                author = op.operation.node_id
+                ahead[author] = max(ahead.get(author, 0), dated - now_ns)
+        for author, by_ns in ahead.items():
+            last = self._clock_warned_ns.get(author)
+            if last is not None and now_ns - last < CLOCK_WARN_INTERVAL_NS:
+                continue
+            self._clock_warned_ns[author] = now_ns
+            log.warning(
+                "operations of node %s are dated %.1f s after this node's clock: the two clocks disagree "
+                "(synchronize them, e.g. with NTP); until then a write through this node made after one "
+                "through %s may sort before it and lose",
+                author,
+                by_ns / NS_PER_S,
+                author,
+                extra={"peer": author, "clock_ahead_ms": by_ns // NS_PER_MS},
+            )
 
     def _highest_known_id(self) -> int:
         highest = 0
