@@ -8,7 +8,8 @@ Prints, per chain configuration (the original's defaults, then a tuned one):
 * append latency (the call returns once the entries are durable on the node) and
   append-to-committed latency (from the call until the block holding the entry reaches the node's
   `ChainLog.Subscribe` stream), p50/p99, for those runs and for a light "probe" load (one appender,
-  one entry per call, `--probe-rate` calls/s);
+  one entry per call, `--probe-rate` calls/s); the probe runs twice: first before any subscriber
+  exists (the append path alone), then with the subscribers (as with stores attached);
 * the time an empty node (chain wiped back to its genesis) takes to catch up the cell's chain (the
   entries of the runs before, topped up to `--catchup-ops` if fewer), and the operations/s;
 * CPU seconds used by each node and by this client per run (2 cores are shared by all of them).
@@ -99,8 +100,19 @@ class RunResult:
     blocks: int = 0
     discontinuities: int = 0
     run_s: float = 0.0
+    # False: no subscriber watched the commits (append latency and CPU only).
+    observed: bool = True
 
     def print(self) -> None:
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in self.cpu_s.items())
+        if not self.observed:
+            print(f"  {self.name}: {self.appended:,} appended")
+            print(
+                f"    append latency p50 {percentile(self.append_ms, 50):.2f} ms, "
+                f"p99 {percentile(self.append_ms, 99):.2f} ms ({len(self.append_ms)} calls)"
+            )
+            print(f"    CPU seconds over the {self.run_s:.1f} s run: {cpu}")
+            return
         rate = self.committed_in_window / self.window_s if self.window_s else 0.0
         entries_per_block = self.committed_in_window / self.blocks if self.blocks else 0.0
         print(
@@ -119,7 +131,6 @@ class RunResult:
         )
         if self.discontinuities:
             print(f"    subscriber streams discontinued {self.discontinuities} time(s) (queue overflow; resubscribed)")
-        cpu = ", ".join(f"{k} {v:.1f}" for k, v in self.cpu_s.items())
         print(f"    CPU seconds over the {self.run_s:.1f} s run: {cpu}")
 
 
@@ -261,8 +272,9 @@ class Bench:
         self.watcher_conn = parent
 
     async def _ask(self, command: str) -> object:
-        assert self.watcher_conn is not None
         conn = self.watcher_conn
+        if conn is None:
+            return ([], [{} for _ in self.cluster.nodes], 0)  # no subscriber process (yet)
         conn.send(command)
         return await asyncio.to_thread(conn.recv)
 
@@ -281,9 +293,10 @@ class Bench:
         started = time.monotonic()
         response = await self.stubs[node].Append(chain_pb2.AppendRequest(entries=entries), timeout=30)
         result.append_ms.append((time.monotonic() - started) * 1000)
-        outstanding = self.outstanding[node]
-        for operation_id in response.operation_ids:
-            outstanding[operation_id] = started
+        if result.observed:
+            outstanding = self.outstanding[node]
+            for operation_id in response.operation_ids:
+                outstanding[operation_id] = started
         result.appended += len(entries)
 
     def _entries(self, count: int, sequence: int) -> list[bytes]:
@@ -291,8 +304,9 @@ class Bench:
         return [prefix + i.to_bytes(4, "big") + self.payload[12:] for i in range(count)]
 
     async def run(self, name: str, appenders: int, batch: int, duration: float, rate: float | None = None) -> RunResult:
-        """`appenders` closed-loop appenders (or one paced at `rate` calls/s) for `duration` seconds."""
-        result = RunResult(name)
+        """`appenders` closed-loop appenders (or one paced at `rate` calls/s) for `duration` seconds;
+        commits are observed once the subscriber process runs."""
+        result = RunResult(name, observed=self.watcher is not None)
         await self.collect()
         self.commit_ms = []
         self.blocks_seen = []
@@ -434,12 +448,17 @@ async def bench_config(name: str, settings: dict[str, int], args: argparse.Names
             cluster.start()
             bench = Bench(cluster, args)
             await bench.wait_synchronized()
+            await bench.run("warm-up", 1, 1, 0.2)
+            if "probe" in args.runs:
+                # The append path alone: no subscriber streams competing for the 2 cores.
+                title = "probe without subscribers: 1 appender, 1 entry/call"
+                (await bench.run(title, 1, 1, args.duration, args.probe_rate)).print()
             bench.subscribe_all()
             await asyncio.sleep(0.5)
             # Warm up: one commit through the whole path.
             await bench.run("warm-up", 1, 1, 0.2)
             runs = {
-                "probe": ("probe: 1 appender, 1 entry/call", 1, 1, args.probe_rate),
+                "probe": ("probe with a subscriber per node: 1 appender, 1 entry/call", 1, 1, args.probe_rate),
                 "1": (f"1 appender, {args.batch} entries/call", 1, args.batch, None),
                 "16": (f"16 appenders, {args.batch} entries/call", 16, args.batch, None),
             }
