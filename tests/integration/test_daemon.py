@@ -159,7 +159,9 @@ def test_chain_check_reports_the_first_invalid_block(tmp_path: Path):
 
 
 def test_daemon_with_nothing_to_run_says_so(tmp_path: Path):
-    directory = one_node(tmp_path, "--no-chain")
+    # Only the store role, which needs the chain role on the same node (an app-host node without
+    # it still runs the app host and its gateway).
+    directory = one_node(tmp_path, "--no-chain", "--no-app-host")
     result = subprocess.run(
         [sys.executable, "-m", "exocli", "-d", str(directory.root), "daemon"],
         capture_output=True,
