@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from exocli.commands.daemon import SERVICES, Child, Supervisor, plan_children
-from exocommon.config import Cell, LocalNode, Role, create_cell_node_config, generate_cell_config
+from exocli.commands.daemon import SERVICES, CellMembership, Child, Supervisor, plan_children
+from exocli.main import main as exo_main
+from exocommon.config import (
+    Cell,
+    LocalNode,
+    NodeDirectory,
+    Role,
+    add_node,
+    create_cell_node_config,
+    generate_cell_config,
+    generate_node_config,
+)
 from exocommon.errors import FailedPrecondition
 
 
@@ -81,3 +93,78 @@ def test_a_configuration_error_is_not_restarted():
     supervisor = Supervisor([child], out=lambda line: None, clock=FakeClock())
     supervisor._on_exit(child, 2)
     assert child.given_up and child.restart_at is None
+
+
+def test_the_chain_service_watches_its_cells_members(tmp_path):
+    directory = NodeDirectory(tmp_path / "node")
+    assert exo_main(["-d", str(directory.root), "node", "init", "--name", "n"]) == 0
+    assert exo_main(["-d", str(directory.root), "cell", "init", "--name", "c", "--no-genesis"]) == 0
+    local = directory.load_local_node()
+    children = plan_children(local, directory.load_cells(local), str(directory.root), "info")
+    assert [c.kind.name for c in children if c.watch is not None] == ["chain"]
+    (cell_id,) = [c.id for c in directory.load_cell_configs()]
+    watch = CellMembership(str(directory.root), cell_id)
+    before = watch()
+    assert before is not None and len(before) == 1  # (public key, roles) of each member
+
+    # Rewritten the same (new mtime): same membership.
+    (cfg,) = directory.load_cell_configs()
+    path = directory.cell_yaml(cell_id)
+    path.write_text(path.read_text())
+    os.utime(path, ns=(1, 1))
+    assert watch() == before
+    # A node added (`exo cell node add`, or a new cell.yaml from another member): a change.
+    add_node(cfg, create_cell_node_config(generate_node_config("n2"), [Role.CHAIN]))
+    directory.save_cell_config(cfg)
+    after = watch()
+    assert after is not None and after != before and len(after) == 2
+    # Unreadable (mid-write): no verdict, nothing restarted.
+    path.write_text("nodes: [")
+    assert watch() is None
+
+
+class Membership:
+    def __init__(self) -> None:
+        self.value: object = ("a",)
+
+    def __call__(self) -> object:
+        return self.value
+
+
+def test_a_chain_service_is_restarted_at_once_when_the_members_change():
+    local = LocalNode.generate("n")
+    clock = FakeClock()
+    lines: list[str] = []
+    members = Membership()
+    child = Child(SERVICES[0], make_cell(local, [Role.CHAIN]), ["sleep", "30"], "127.0.0.1:1", watch=members)
+    supervisor = Supervisor([child], out=lines.append, clock=clock)
+    supervisor._start(child)
+    try:
+        supervisor._check_config(child)
+        assert child.running and not child.reloading  # nothing changed
+        members.value = ("a", "b")
+        supervisor._check_config(child)
+        assert child.reloading
+        assert child.process is not None and child.process.wait(5) == -15  # SIGTERM: a graceful stop
+        backoff = child.backoff_s
+        supervisor._on_exit(child, -15)
+        assert child.restart_at == clock.now and child.backoff_s == backoff  # at once, not as a crash
+        assert "the cell's members changed; restarting it" in lines[-1]
+        supervisor._start(child)  # with the new members
+        assert child.config_seen == ("a", "b")
+        # This time it cannot run (exit 2: no genesis and no peer, say)...
+        assert child.process is not None
+        child.process.kill()
+        child.process.wait()
+        supervisor._on_exit(child, 2)
+    finally:
+        if child.process is not None:
+            child.process.kill()
+            child.process.wait()
+    assert child.given_up and child.restart_at is None
+    # ... until the members change again: then it gets another chance.
+    supervisor._check_config(child)
+    assert child.given_up  # same members
+    members.value = ("a", "b", "c")
+    supervisor._check_config(child)
+    assert not child.given_up and child.restart_at == clock.now

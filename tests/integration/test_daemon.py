@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cluster import ChainClient, exo, wait_until
 
-from exocommon.config import NodeDirectory
+from exocommon.config import NodeDirectory, Role, add_node, create_cell_node_config, generate_node_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,6 +86,17 @@ def test_daemon_runs_restarts_and_stops_the_chain_service(tmp_path: Path):
         client.close()
         client = ChainClient(address)
         wait_until(client.serving, 20, "the restarted chain service to serve")
+        assert client.operations([operation_id])[operation_id].status == 2
+        client.close()
+
+        # A new member in cell.yaml (`exo cell node add`): the chain service is restarted to know it.
+        (cell_config,) = directory.load_cell_configs()
+        add_node(cell_config, create_cell_node_config(generate_node_config("n2"), [Role.STORE]))
+        directory.save_cell_config(cell_config)
+        output.wait_for(r"chain of cell solo: the cell's members changed; restarting it")
+        output.wait_for(r"chain of cell solo .* restarted: listening on")
+        client = ChainClient(address)
+        wait_until(client.serving, 20, "the chain service to serve with the new members")
         assert client.operations([operation_id])[operation_id].status == 2
         client.close()
 

@@ -5,8 +5,13 @@ For each cell of the node and each service whose role the node has in that cell,
 
 * a child that exits is restarted after a backoff: 1 s, doubled after each crash up to 30 s, and
   back to 1 s once a child ran 60 s before crashing;
-* a child exiting with status 2 (its configuration does not allow it to run) is not restarted;
-  the daemon exits 1 when no child is left;
+* a child exiting with status 2 (its configuration does not allow it to run) is not restarted
+  (unless the cell's members change, below); the daemon exits 1 when no child is left;
+* a chain service reads its cell's membership (chain nodes and their keys) when it starts: when
+  cell.yaml changes it (`exo cell node add`, a new cell.yaml from another member; checked every
+  `CONFIG_CHECK_INTERVAL_S`), the daemon restarts it at once, gracefully, so the new member is
+  accepted (or a removed one refused) without restarting the daemon (SPEC 11 gap 4, part). The
+  gateway and the app host follow cell.yaml themselves; a store does not depend on membership;
 * SIGINT / SIGTERM are forwarded (as SIGTERM) to every child, the daemon waits for them to stop
   gracefully (SIGKILL after `STOP_TIMEOUT_S`) and exits 0. A second signal kills them at once.
 
@@ -29,14 +34,15 @@ from dataclasses import dataclass
 from types import FrameType
 
 from exocli.context import Context
-from exocommon.config import Cell, LocalNode, Role
-from exocommon.errors import FailedPrecondition
+from exocommon.config import Cell, LocalNode, NodeDirectory, Role
+from exocommon.errors import ExocoreError, FailedPrecondition
 
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0
 STOP_TIMEOUT_S = 20.0
 POLL_INTERVAL_S = 0.2
+CONFIG_CHECK_INTERVAL_S = 2.0
 # A child exiting with this status cannot run with the current configuration: not restarted.
 EXIT_CONFIG = 2
 
@@ -84,6 +90,10 @@ class Child:
     restart_at: float | None = None
     given_up: bool = False
     restarts: int = 0
+    # The configuration the service depends on (None: nothing watched); a change restarts it.
+    watch: Callable[[], object] | None = None
+    config_seen: object = None
+    reloading: bool = False
 
     @property
     def label(self) -> str:
@@ -92,6 +102,45 @@ class Child:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+class CellMembership:
+    """The cell's members and their roles as its config files say now (None when they cannot be
+    read: mid-write, say). The files are parsed again only when node.yaml or cell.yaml changed."""
+
+    def __init__(self, node_dir: str, cell_id: str) -> None:
+        self.directory = NodeDirectory(node_dir)
+        self.cell_id = cell_id
+        self._stamp: object = None
+        self._value: object = None
+
+    def _files_stamp(self) -> object:
+        stamps = []
+        for path in (self.directory.node_yaml, self.directory.cell_yaml(self.cell_id)):
+            try:
+                st = path.stat()
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def __call__(self) -> object:
+        stamp = self._files_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._value = self._read()
+        return self._value
+
+    def _read(self) -> object:
+        try:
+            local = self.directory.load_local_node()
+            cells = [c for c in self.directory.load_cells(local) if str(c.id) == self.cell_id]
+        except (ExocoreError, OSError):
+            return None
+        if not cells:
+            return None
+        return tuple(sorted((n.node.public_key, tuple(sorted(n.roles))) for n in cells[0].config.nodes))
 
 
 def plan_children(local: LocalNode, cells: Sequence[Cell], node_dir: str, log_level: str) -> list[Child]:
@@ -121,7 +170,8 @@ def plan_children(local: LocalNode, cells: Sequence[Cell], node_dir: str, log_le
         for cell in cells_with_role:
             address = getattr(local.listen_addresses, kind.address_field)
             argv = [sys.executable, "-m", kind.module, "--dir", node_dir, "--cell", str(cell.id), "--log", log_level]
-            children.append(Child(kind, cell, argv, address))
+            watch = CellMembership(node_dir, str(cell.id)) if kind.name == "chain" else None
+            children.append(Child(kind, cell, argv, address, watch=watch))
     return children
 
 
@@ -165,12 +215,42 @@ class Supervisor:
         )
         child.started_at = self._clock()
         child.restart_at = None
+        child.reloading = False
+        if child.watch is not None:
+            child.config_seen = child.watch()
         what = "restarted" if child.restarts else "started"
         self._out(f"{child.label} ({child.cell.id}) {what}: listening on {child.address}, pid {child.process.pid}")
+
+    def _check_config(self, child: Child) -> None:
+        """Restart a child whose watched configuration changed (see module docstring), also one
+        that could not run with the previous configuration."""
+        if child.watch is None or child.reloading:
+            return
+        seen = child.watch()
+        if seen is None or seen == child.config_seen:
+            return
+        if child.given_up:
+            self._out(f"{child.label}: the cell's members changed; starting it again")
+            child.given_up = False
+            child.config_seen = seen
+            child.restart_at = self._clock()
+            return
+        if not child.running:
+            return  # waiting to restart: it will read the new configuration
+        assert child.process is not None
+        self._out(f"{child.label}: the cell's members changed; restarting it")
+        child.reloading = True
+        child.process.send_signal(signal.SIGTERM)
 
     def _on_exit(self, child: Child, code: int) -> None:
         child.process = None
         now = self._clock()
+        if child.reloading:
+            # Stopped for a configuration change: back at once, no crash backoff.
+            child.reloading = False
+            child.restart_at = now
+            child.restarts += 1
+            return
         if code == EXIT_CONFIG:
             child.given_up = True
             self._out(f"{child.label} cannot run with this configuration (exit {code}); not restarting it")
@@ -188,7 +268,12 @@ class Supervisor:
         try:
             for child in self.children:
                 self._start(child)
+            next_config_check = self._clock() + CONFIG_CHECK_INTERVAL_S
             while not self._stop_requested:
+                if self._clock() >= next_config_check:
+                    next_config_check = self._clock() + CONFIG_CHECK_INTERVAL_S
+                    for child in self.children:
+                        self._check_config(child)
                 for child in self.children:
                     if child.process is not None:
                         code = child.process.poll()
