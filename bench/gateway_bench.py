@@ -9,7 +9,10 @@ calls/s, p50 and p99 latency.
 The load generator is one asyncio process sending pre-encoded requests (no protobuf work per call), so
 it costs both paths the same. Everything shares the machine's cores: on a 2-core machine the client,
 gateway, store and chain compete for CPU, and the figures say as much about that as about the gateway.
-So the table also gives the CPU time each process spent per call (load generator, gateway, store,
+Each measurement runs in two halves per path, in the order direct, gateway, gateway, direct, so that
+both paths see the same background work (index merges after writes, other jobs on the machine): run
+one after the other, the second would pay for the first's writes. The table also gives the CPU time
+each process spent per call (load generator, gateway, store,
 chain; warm-up included): calls/s move with whatever else runs on the machine, CPU per call much less,
 and their sum bounds what the cores can serve.
 
@@ -58,6 +61,8 @@ class Figures:
     total_calls: int = 0
     # CPU time per call of each process during the run (warm-up included): client, gateway, store, chain.
     cpu_us: dict[str, float] = field(default_factory=dict)
+    # Latencies measured after the warm-up, sorted (seconds).
+    latencies_s: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -112,6 +117,26 @@ async def measured_load(
     return figures
 
 
+def combine(parts: Sequence[Figures]) -> Figures:
+    """One `Figures` for runs of the same load (their latencies together, CPU per call weighted by calls)."""
+    latencies = sorted(x for part in parts for x in part.latencies_s)
+    weights = [max(1, part.total_calls + part.errors) for part in parts]
+    cpu_us = {
+        name: sum(part.cpu_us[name] * weight for part, weight in zip(parts, weights, strict=True)) / sum(weights)
+        for name in parts[0].cpu_us
+    }
+    return Figures(
+        len(latencies),
+        sum(part.seconds for part in parts),
+        percentile(latencies, 0.5) * 1000,
+        percentile(latencies, 0.99) * 1000,
+        sum(part.errors for part in parts),
+        total_calls=sum(part.total_calls for part in parts),
+        cpu_us=cpu_us,
+        latencies_s=latencies,
+    )
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -158,6 +183,7 @@ async def run_load(
         percentile(latencies, 0.99) * 1000,
         errors,
         total_calls=completed,
+        latencies_s=latencies,
     )
 
 
@@ -204,8 +230,13 @@ async def bench(args: argparse.Namespace, root: Path) -> int:
         rows: list[tuple[str, int, Figures, Figures]] = []
         for label, method, requests in (("Query", QUERY, [query]), ("Mutate", MUTATE, mutations)):
             for clients in args.clients:
-                direct = await measured_load(pids, store_address, method, requests, (), clients, args.duration_s)
-                through = await measured_load(pids, gateway_address, method, requests, auth, clients, args.duration_s)
+                halves: dict[str, list[Figures]] = {"direct": [], "gateway": []}
+                for path in ("direct", "gateway", "gateway", "direct"):  # see the module docstring
+                    address, metadata = (store_address, ()) if path == "direct" else (gateway_address, auth)
+                    halves[path].append(
+                        await measured_load(pids, address, method, requests, metadata, clients, args.duration_s / 2)
+                    )
+                direct, through = combine(halves["direct"]), combine(halves["gateway"])
                 rows.append((label, clients, direct, through))
                 print(
                     f"  {label:6} {clients:2} client(s): store {direct.rate:7.0f}/s p50 {direct.p50_ms:6.2f} ms, "
