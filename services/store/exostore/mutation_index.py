@@ -20,6 +20,13 @@ the query's matches were all fetched, else those scoring above the last hit) are
 of the same compiled query while the searcher stays the same (`SCORE_ROWS_CACHE_SIZE` queries): fuzzy
 matches all score 1.0, so a rare word's page boundary usually cuts a run of thousands of them. Only the
 first page of a search counts its matches (`with_total`): counting disables tantivy's block skipping.
+
+Costs kept off the query path (same results): a page of the same compiled query on the same searcher is
+kept (`RESULTS_CACHE_SIZE`); the RAM (pending) index keeps every entity's mutations and every document's
+metadata as it indexes them, so aggregating an entity or reading a hit there needs no search; documents
+built for the pending index are reused by the chain index (`DocumentCache`); the words of `all_text` go
+to the schema's `Vocabulary`, which lets match queries skip fuzzy automata that could not match anything
+but their own token (`query.match_query`).
 """
 
 from __future__ import annotations
@@ -132,7 +139,6 @@ def _meta_from_doc(doc: dict[str, list[object]]) -> _Meta:
 
 
 def _meta_with(first: Callable[[str, object], object]) -> _Meta:
-
     entity_id = str(first(F_ENTITY_ID, ""))
     block_offset = first(F_BLOCK_OFFSET, None)
     doc_type = int(first(F_DOCUMENT_TYPE, DocumentType.TRAIT_PUT))  # type: ignore[call-overload]

@@ -190,11 +190,11 @@ def fuzzy_distance(token: str) -> int:
 def match_query(schema: IndexSchema, field: str, text: str, fuzzy: bool) -> tantivy.Query:
     """SPEC 3.6 `new_fuzzy_match_query`: SHOULD term per token (+ SHOULD fuzzy term when long enough).
 
-    A fuzzy term scores a constant 1.0 on every document holding a word within its distance. When no
-    indexed word but the token itself can be that close (`Vocabulary.may_have_neighbor`; `field` is
-    `all_text` or a text field, whose words all are in `all_text` too), it is replaced by the token's term
-    query at a constant 1.0: the same documents and scores, without building a Levenshtein automaton and
-    walking every segment's term dictionary with it (most of a match query's cost)."""
+    A fuzzy term scores a constant 1.0 on every document holding a word within its distance. When the
+    schema's `Vocabulary` knows those words (`field` is `all_text` or a text field, whose words all are in
+    `all_text` too), it becomes their term queries at a constant 1.0 (just the token's when no other word is
+    that close): the same documents and scores, without building a Levenshtein automaton and walking every
+    segment's term dictionary with it (most of a match query's cost)."""
     tschema = schema.tantivy_schema
     vocabulary = schema.vocabulary
     clauses: list[tuple[tantivy.Occur, tantivy.Query]] = []
@@ -203,11 +203,13 @@ def match_query(schema: IndexSchema, field: str, text: str, fuzzy: bool) -> tant
         distance = fuzzy_distance(token) if fuzzy else 0
         if not distance:
             continue
-        if vocabulary.may_have_neighbor(token, distance):
+        words = vocabulary.neighbors(token, distance)
+        if words is None:
             near = tantivy.Query.fuzzy_term_query(tschema, field, token, distance, True)
         else:
-            exact = tantivy.Query.term_query(tschema, field, token, index_option="basic")
-            near = tantivy.Query.const_score_query(exact, 1.0)
+            terms = [tantivy.Query.term_query(tschema, field, word, index_option="basic") for word in (token, *words)]
+            any_term = terms[0] if len(terms) == 1 else any_of(terms)
+            near = tantivy.Query.const_score_query(any_term, 1.0)
         clauses.append((tantivy.Occur.Should, near))
     if not clauses:
         return tantivy.Query.empty_query()

@@ -345,27 +345,98 @@ def _deletions(word: str, depth: int) -> set[str]:
     return found
 
 
+def osa_distance(a: str, b: str, limit: int) -> int:
+    """Levenshtein distance where swapping two adjacent characters costs 1 and no substring is edited twice
+    (optimal string alignment); `limit + 1` as soon as it is known to exceed `limit`."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    before: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        current = [i] + [0] * len(b)
+        char = a[i - 1]
+        for j in range(1, len(b) + 1):
+            value = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != b[j - 1]))
+            if i > 1 and j > 1 and char == b[j - 2] and a[i - 2] == b[j - 1]:
+                value = min(value, before[j - 2] + 1)
+            current[j] = value
+        if min(current) > limit:
+            return limit + 1
+        before, previous = previous, current
+    return previous[len(b)]
+
+
+def damerau_levenshtein_distance(a: str, b: str) -> int:
+    """Levenshtein distance where swapping two adjacent characters costs 1, edits between swapped
+    characters allowed (unrestricted Damerau-Levenshtein, Lowrance-Wagner)."""
+    infinity = len(a) + len(b)
+    table = [[infinity] * (len(b) + 2)] + [[infinity] + [0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) + 1):
+        table[i + 1][1] = i
+    for j in range(len(b) + 1):
+        table[1][j + 1] = j
+    last_row: dict[str, int] = {}
+    for i in range(1, len(a) + 1):
+        last_match_column = 0
+        for j in range(1, len(b) + 1):
+            k = last_row.get(b[j - 1], 0)
+            col = last_match_column
+            cost = 1
+            if a[i - 1] == b[j - 1]:
+                cost = 0
+                last_match_column = j
+            table[i + 1][j + 1] = min(
+                table[i][j] + cost,
+                table[i + 1][j] + 1,
+                table[i][j + 1] + 1,
+                table[k][col] + (i - k - 1) + 1 + (j - col - 1),
+            )
+        last_row[a[i - 1]] = i
+    return table[len(a) + 1][len(b) + 1]
+
+
+def _within_substitutions(a: str, b: str, distance: int) -> bool:
+    """Same length and at most `distance` differing positions, or one swap of adjacent characters."""
+    if len(a) != len(b):
+        return False
+    differing = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    if len(differing) <= distance:
+        return True
+    return (
+        len(differing) == 2
+        and differing[1] == differing[0] + 1
+        and a[differing[0]] == b[differing[1]]
+        and (a[differing[1]] == b[differing[0]])
+    )
+
+
 class Vocabulary:
     """Every token ever indexed in `all_text` (which receives every text field's tokens too), kept so that a
-    query can tell, without tantivy's Levenshtein automaton, that a fuzzy term cannot match any word other
-    than its own token: then the term query gives the same documents and scores (see `query.match_query`).
+    query can find the words a fuzzy term matches without tantivy's Levenshtein automaton (most of a match
+    query's cost: built per search and run over every segment's term dictionary) and search them as plain
+    terms: the same documents at the same constant score (see `query.match_query`).
 
-    `may_have_neighbor(token, d)` is False only if no other word is within `d` edits of `token`, whatever
-    the edit distance (Levenshtein, with adjacent transpositions or not): each such edit removes at most one
-    character of a longest common subsequence from each side, so two words within `d` edits both reduce to
-    a common string by deleting at most `d` characters each. The counts of such deletion variants per word
-    answer that (`_near[d]`: variant -> number of words having it within `d` deletions).
+    `neighbors(token, d)` lists the other words within `d` edits of `token`. Candidates first: each edit
+    (substitution, insertion, deletion, adjacent transposition) removes at most one character of a longest
+    common subsequence from each side, so two words within `d` edits both reduce to a common string by
+    deleting at most `d` characters each; `_near[d - 1]` maps each such deletion variant to the words having
+    it. Then each candidate's distance: tantivy's automaton counts a transposition as one edit; whether it
+    is the restricted (optimal string alignment) or the unrestricted Damerau-Levenshtein distance, a word
+    within `d` by the first is within `d` by both, and one beyond `d` by the second is beyond by both; a word
+    where they disagree (rare) makes the answer None, as does a saturated vocabulary: the caller then uses
+    the automaton.
 
     A superset of every index's term dictionary: words are added when their document is built (before it is
     committed, so a searcher that can match a word was opened after the word was added) and when an on-disk
-    index is opened; they are never removed (a word of a deleted document only makes the check
-    conservative). Past `max_variants` it stops tracking and answers True. Written by the indexing thread,
-    read by query threads (each step is atomic under the GIL; a half-added word only makes the answer
-    True). `version` changes whenever a word is added (compiled queries depend on it)."""
+    index is opened; they are never removed (a word that no index holds any more matches nothing). Past
+    `max_variants` it stops tracking. Written by the indexing thread, read by query threads (each step is
+    atomic under the GIL; a half-added word is either not found yet or found whole). `version` changes
+    whenever a word is added (compiled queries depend on it)."""
 
     def __init__(self, max_variants: int = VOCABULARY_MAX_VARIANTS) -> None:
         self._words: set[str] = set()
-        self._near: tuple[dict[str, int], dict[str, int]] = ({}, {})  # within 1, within 2 deletions
+        # deletion variant -> the word having it, or the list of the words having it (within 1, within 2)
+        self._near: tuple[dict[str, str | list[str]], dict[str, str | list[str]]] = ({}, {})
         self._max_variants = max_variants
         self.saturated = False
         self.version = 0
@@ -388,26 +459,62 @@ class Vocabulary:
                     return
 
     def _add(self, word: str) -> None:
-        for depth, counts in enumerate(self._near, start=1):
+        for depth, near in enumerate(self._near, start=1):
             for variant in _deletions(word, depth):
-                counts[variant] = counts.get(variant, 0) + 1
+                holders = near.get(variant)
+                if holders is None:
+                    near[variant] = word
+                elif isinstance(holders, str):
+                    near[variant] = [holders, word]
+                else:
+                    holders.append(word)
         self._words.add(word)
         self.version += 1
         if len(self._near[1]) > self._max_variants:
             log.warning(
-                "more than %d fuzzy variants of indexed words: fuzzy terms no longer skip the automaton",
+                "more than %d fuzzy variants of indexed words: fuzzy terms use tantivy's automaton from now on",
                 self._max_variants,
             )
             self.saturated = True
             self._near = ({}, {})
 
-    def may_have_neighbor(self, token: str, distance: int) -> bool:
-        """Whether some indexed word other than `token` may be within `distance` (1 or 2) edits of it."""
+    def neighbors(self, token: str, distance: int, limit: int = 64) -> list[str] | None:
+        """The indexed words other than `token` within `distance` (1 or 2) edits of it, sorted; None when
+        unknown (saturated, an ambiguous word, more than `limit` of them)."""
         if self.saturated or distance not in (1, 2):
-            return True
-        counts = self._near[distance - 1]
-        own = 1 if token in self._words else 0  # the token's own variants count it once
-        return any(counts.get(variant, 0) > own for variant in _deletions(token, distance))
+            return None
+        levels = [{token}]  # strings obtained by deleting exactly i characters
+        for _ in range(distance):
+            levels.append({w[:i] + w[i + 1 :] for w in levels[-1] for i in range(len(w))})
+        sure: set[str] = set()  # i deletions here and at most j there, i + j <= distance: that close
+        maybe: set[str] = set()
+        for deleted, level in enumerate(levels):
+            for bound, near in enumerate(self._near[:distance], start=1):
+                group = sure if deleted + bound <= distance else maybe
+                for variant in level:
+                    holders = near.get(variant)
+                    if holders is None:
+                        continue
+                    if isinstance(holders, str):
+                        group.add(holders)
+                    else:
+                        group.update(holders)
+        sure.discard(token)
+        maybe -= sure
+        maybe.discard(token)
+        found = list(sure)
+        for word in maybe:
+            if _within_substitutions(token, word, distance) or osa_distance(token, word, distance) <= distance:
+                found.append(word)
+            elif damerau_levenshtein_distance(token, word) <= distance:
+                return None  # the two distances disagree: let tantivy decide
+        if len(found) > limit:
+            return None
+        return sorted(found)
+
+    def may_have_neighbor(self, token: str, distance: int) -> bool:
+        """Whether some indexed word other than `token` may be within `distance` edits of it."""
+        return self.neighbors(token, distance) != []
 
 
 class IndexSchema:

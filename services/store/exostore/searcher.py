@@ -34,7 +34,9 @@ Differences from the original, on purpose:
   constructor parameter; ``max_pages=None`` removes it. Within it, each index is read lazily: a first
   page of ``max(16, 2 × count)`` mutations, then pages growing 4 times up to `page_size`, and score
   streams are re-ranked by their boosts lazily too (`_score_matches`): a page of 10 usually reads a few
-  dozen mutations per index instead of 5,000 (same results: paging by offset is exact);
+  dozen mutations per index instead of 5,000 (same results: paging by offset is exact); the mutations
+  of the entities on both first pages are fetched in one batch per index (`fetch_entities_mutations`,
+  when the source has it) before aggregating them;
 * with recency boosting the cap selects each index's best mutations by raw score (the original capped
   after boosting);
 * entities flagged for GC are reported to the `gc_flagger` callback once per search; an entity whose

@@ -131,8 +131,8 @@ def test_no_fuzzy_and_transpositions():
 
 
 def test_exact_first_fuzzy_terms_give_the_automaton_results(tmp_path):
-    """A fuzzy term whose token has no indexed neighbour runs as a constant-score term query: same documents,
-    same scores, same order as tantivy's automaton (forced here by a saturated vocabulary)."""
+    """A fuzzy term runs as constant-score term queries of its token and the indexed words that close: same
+    documents, same scores, same order as tantivy's automaton (forced here by a saturated vocabulary)."""
     fast_schema, slow_schema = IndexSchema(REGISTRY), IndexSchema(REGISTRY)
     slow_schema.vocabulary.saturated = True
     texts = [
@@ -161,7 +161,8 @@ def test_exact_first_fuzzy_terms_give_the_automaton_results(tmp_path):
         for text in ("+gamma beta -delta", "theta -kappa", "string1:gamma", "gamma eta", "+alpha lambda")
     ]
     assert "Fuzzy" not in repr(indices[0].compile(queries[0]).query)  # gamma: no automaton
-    assert "Fuzzy" in repr(indices[0].compile(queries[1]).query)  # alpha: alphx is one edit away
+    alpha = repr(indices[0].compile(queries[1]).query)  # alpha: alphx is one edit away, searched as a term
+    assert '"alphx"' in alpha and "Fuzzy" not in alpha
     assert "Fuzzy" in repr(indices[1].compile(queries[0]).query)
     for query in queries:
         got, want = (index.search(query, 20) for index in indices)
@@ -173,6 +174,35 @@ def test_exact_first_fuzzy_terms_give_the_automaton_results(tmp_path):
     assert ops(search(indices[0], match=Q.MatchPredicate(query="gamma"))) == [5, 1]
     indices[0].apply([put(20, "e20", tm(string1="gamme"))])
     assert ops(search(indices[0], match=Q.MatchPredicate(query="gamma")))[-1] == 20
+
+
+def test_fuzzy_terms_as_vocabulary_words_match_what_the_automaton_matches():
+    """Many words a few edits apart (insertions, deletions, substitutions, transpositions, a small alphabet):
+    every fuzzy term searched as the vocabulary's words gives the documents and scores of tantivy's
+    automaton (forced by a saturated vocabulary)."""
+    import random
+
+    rng = random.Random(11)
+    words = sorted({"".join(rng.choices("abcd", k=rng.randint(3, 9))) for _ in range(400)})
+    fast_schema, slow_schema = IndexSchema(REGISTRY), IndexSchema(REGISTRY)
+    slow_schema.vocabulary.saturated = True
+    indices = []
+    for schema in (fast_schema, slow_schema):
+        index = MutationIndex(schema, None, heap_size=15_000_000, num_threads=1)
+        docs = [" ".join(words[i : i + 3]) for i in range(0, len(words), 3)]
+        index.apply([put(op, f"e{op}", tm(string1=text)) for op, text in enumerate(docs, start=1)])
+        indices.append(index)
+    tokens = words[::3] + ["".join(rng.choices("abcd", k=rng.randint(4, 9))) for _ in range(150)]
+    expanded = 0
+    for token in tokens:
+        for query in (token, f"{token} {rng.choice(words)}"):
+            q = Q.EntityQuery(match=Q.MatchPredicate(query=query))
+            expanded += "Fuzzy" not in repr(indices[0].compile(q).query)
+            got, want = (index.search(q, 500) for index in indices)
+            assert [(m.operation_id, m.sort_value.value) for m in got.mutations] == [
+                (m.operation_id, m.sort_value.value) for m in want.mutations
+            ], query
+    assert expanded > len(tokens)  # most queries needed no automaton at all
 
 
 def test_match_covers_nested_text_but_not_plain_strings():

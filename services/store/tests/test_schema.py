@@ -16,6 +16,8 @@ from exostore.schema import (
     ValueKind,
     Vocabulary,
     build_mapping,
+    damerau_levenshtein_distance,
+    osa_distance,
     ref_escape,
     reference_text,
 )
@@ -346,3 +348,16 @@ def test_vocabulary_saturates():
     vocabulary.add_tokens(["abcdefgh", "ijklmnop"])
     assert vocabulary.saturated
     assert vocabulary.may_have_neighbor("zzzzzzzz", 2)
+
+
+def test_vocabulary_lists_neighbors_and_distances():
+    vocabulary = Vocabulary()
+    vocabulary.add_tokens(["hello", "hallo", "help", "yellow", "abcdefgh", "abcdfegh", "bacdefgh"])
+    assert vocabulary.neighbors("hello", 1) == ["hallo"]
+    assert vocabulary.neighbors("hello", 2) == ["hallo", "help", "yellow"]
+    assert vocabulary.neighbors("abcdefgh", 1) == ["abcdfegh", "bacdefgh"]  # transpositions
+    assert vocabulary.neighbors("zzzzzzzz", 2) == []
+    assert osa_distance("ca", "abc", 5) == 3 and damerau_levenshtein_distance("ca", "abc") == 2
+    assert osa_distance("kitten", "sitting", 1) == 2  # stops past the limit
+    vocabulary.add_tokens(["abc"])
+    assert vocabulary.neighbors("ca", 2) is None  # the two distances disagree: the automaton decides
