@@ -35,8 +35,8 @@ Differences from the original, on purpose:
   page of ``max(16, 2 × count)`` mutations, then pages growing 4 times up to `page_size`, and score
   streams are re-ranked by their boosts lazily too (`_score_matches`): a page of 10 usually reads a few
   dozen mutations per index instead of 5,000 (same results: paging by offset is exact); the mutations
-  of the entities on both first pages are fetched in one batch per index (`fetch_entities_mutations`,
-  when the source has it) before aggregating them;
+  of the entities best ranked on both first pages are fetched in one batch per index
+  (`fetch_entities_mutations`, when the source has it) before aggregating them;
 * with recency boosting the cap selects each index's best mutations by raw score (the original capped
   after boosting);
 * entities flagged for GC are reported to the `gc_flagger` callback once per search; an entity whose
@@ -72,6 +72,7 @@ ITERATOR_PAGE_SIZE = 1000
 ITERATOR_MAX_PAGES = 5
 FIRST_PAGE_MIN = 16  # mutations asked from each index first (at least twice the entity page)
 PAGE_GROWTH = 4  # each further page is this many times larger, up to ITERATOR_PAGE_SIZE
+PREFETCH_EXTRA = 2  # entities prefetched per index beyond the page's count (the others are fetched one by one)
 PENDING_INDEX_BOOST = 5.0
 REFERENCE_PENALTY = 0.3
 RECENCY_OFFSET_DAYS = 15.0
@@ -492,8 +493,8 @@ class EntitySearcher:
         first_pages: list[MutationMetadata] = []
 
         def on_page(mutations: list[MutationMetadata], first: bool) -> None:
-            if first:  # both indices' first pages go in one batch; further pages are rarely read far
-                first_pages.extend(mutations)
+            if first:  # the best of both indices' first pages go in one batch: the page usually comes from them
+                first_pages.extend(mutations[: wanted + PREFETCH_EXTRA])
 
         chain_total, chain_stream = self._stream(
             self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns, wanted, on_page
