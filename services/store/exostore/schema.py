@@ -53,7 +53,7 @@ TEXT_ANALYZER = "exo_text"
 REF_ANALYZER = "exo_ref"
 MAX_NESTING = 8
 
-VOCABULARY_MAX_VARIANTS = 2_000_000  # ~150 MB; past it fuzzy terms always use tantivy's automaton
+VOCABULARY_MAX_VARIANTS = 500_000  # ~70 MB (~25,000 words); past it fuzzy terms use tantivy's automaton
 
 TIMESTAMP_TYPE = "google.protobuf.Timestamp"
 REFERENCE_TYPE = "exocore.store.Reference"
