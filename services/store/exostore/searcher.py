@@ -32,7 +32,7 @@ Differences from the original, on purpose:
 * traits are ordered by trait id (the original's order was a hash map's, SPEC 11 item 9);
 * the iteration cap per index (`max_pages` × `page_size`, default 5 × 1000 as the original) is a
   constructor parameter; ``max_pages=None`` removes it. Within it, each index is read lazily: a first
-  page of ``max(16, 2 × count)`` mutations, then pages growing 4 times up to `page_size`, and score
+  page of ``max(12, 1.5 × count)`` mutations, then pages growing 4 times up to `page_size`, and score
   streams are re-ranked by their boosts lazily too (`_score_matches`): a page of 10 usually reads a few
   dozen mutations per index instead of 5,000 (same results: paging by offset is exact); the mutations
   of the entities best ranked on both first pages are fetched in one batch per index
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE_COUNT = 10
 ITERATOR_PAGE_SIZE = 1000
 ITERATOR_MAX_PAGES = 5
-FIRST_PAGE_MIN = 16  # mutations asked from each index first (at least twice the entity page)
+FIRST_PAGE_MIN = 12  # mutations asked from each index first (at least 1.5 times the entity page)
 PAGE_GROWTH = 4  # each further page is this many times larger, up to ITERATOR_PAGE_SIZE
 PREFETCH_EXTRA = 2  # entities prefetched per index beyond the page's count (the others are fetched one by one)
 PENDING_INDEX_BOOST = 5.0
@@ -605,7 +605,7 @@ class EntitySearcher:
         then pages growing `PAGE_GROWTH` times up to `page_size`; at most `max_pages × page_size` in all
         (the same mutations as reading pages of `page_size`: paging by offset is exact)."""
         cap = None if self._max_pages is None else self._max_pages * self._page_size
-        size = min(self._page_size, max(FIRST_PAGE_MIN, 2 * wanted))
+        size = min(self._page_size, max(FIRST_PAGE_MIN, wanted + wanted // 2))
         if cap is not None:
             size = min(size, cap)
         first = source.search(query, size, 0)
