@@ -35,8 +35,8 @@ Differences from the original, on purpose:
   page of ``max(12, 1.5 × count)`` mutations, then pages growing 4 times up to `page_size`, and score
   streams are re-ranked by their boosts lazily too (`_score_matches`): a page of 10 usually reads a few
   dozen mutations per index instead of 5,000 (same results: paging by offset is exact); the mutations
-  of the entities best ranked on both first pages are fetched in one batch per index
-  (`fetch_entities_mutations`, when the source has it) before aggregating them;
+  of the entities best ranked on the first pages are fetched in one batch per index (`_Prefetch`, when
+  the sources have `fetch_entities_mutations`) before aggregating them;
 * with recency boosting the cap selects each index's best mutations by raw score (the original capped
   after boosting);
 * entities flagged for GC are reported to the `gc_flagger` callback once per search; an entity whose
@@ -112,25 +112,30 @@ class MutationSource(Protocol):
 
 
 class _Prefetch:
-    """Mutations of the entities a search is about to aggregate, fetched with one search per index for a
-    whole page of matches (sources having `fetch_entities_mutations(ids) -> {id: mutations}`, as
-    `fetch_entity_mutations` of each) rather than two searches per entity."""
+    """Mutations of the entities a search is about to aggregate, fetched with one search per index (sources
+    having `fetch_entities_mutations(ids) -> {id: mutations}`, as `fetch_entity_mutations` of each) rather
+    than two searches per entity: from the pending index (RAM: lookups) for the entities of both first
+    pages; from the chain index for those of its own first page, unless the pending index filled its first
+    page: its matches (boosted 5 times) then usually make most of the entity page, and the few chain
+    entities aggregated cost less one by one than a batch of all of them. An entity found only in the
+    pending index is usually new: it is looked up alone in the chain index if aggregated."""
 
     def __init__(self, pending: MutationSource, chain: MutationSource) -> None:
-        self._fetchers = [getattr(source, "fetch_entities_mutations", None) for source in (pending, chain)]
+        self._pending = getattr(pending, "fetch_entities_mutations", None)
+        self._chain = getattr(chain, "fetch_entities_mutations", None)
         self._found: tuple[dict[str, list[MutationMetadata]], dict[str, list[MutationMetadata]]] = ({}, {})
-        self._asked: set[str] = set()
 
-    def add(self, mutations: Iterable[MutationMetadata], done: dict[str, EntityAggregator | None]) -> None:
-        if None in self._fetchers:
+    def add(
+        self, chain_page: Sequence[MutationMetadata], pending_page: Sequence[MutationMetadata], wanted: int
+    ) -> None:
+        if self._pending is None or self._chain is None:
             return
-        asked = self._asked
-        ids = [e for e in dict.fromkeys(m.entity_id for m in mutations) if e not in done and e not in asked]
-        if len(ids) < 2:
-            return  # one entity: the usual fetch does as well
-        asked.update(ids)
-        for fetch, found in zip(self._fetchers, self._found, strict=True):
-            found.update(fetch(ids))  # type: ignore[misc]
+        in_chain = list(dict.fromkeys(m.entity_id for m in chain_page))
+        everyone = list(dict.fromkeys([*in_chain, *(m.entity_id for m in pending_page)]))
+        if len(everyone) > 1:
+            self._found[0].update(self._pending(everyone))
+        if len(in_chain) > 1 and len(pending_page) < wanted:
+            self._found[1].update(self._chain(in_chain))
 
     def take(self, entity_id: str) -> tuple[list[MutationMetadata] | None, list[MutationMetadata] | None]:
         """(pending, chain) mutations of the entity when prefetched."""
@@ -490,14 +495,18 @@ class EntitySearcher:
         wanted = page.count
         aggregators: dict[str, EntityAggregator | None] = {}
         prefetch = _Prefetch(self._pending, self._chain)
-        first_pages: list[MutationMetadata] = []
+        first_pages: tuple[list[MutationMetadata], list[MutationMetadata]] = ([], [])  # chain, pending
 
-        def on_page(mutations: list[MutationMetadata], first: bool) -> None:
-            if first:  # the best of both indices' first pages go in one batch: the page usually comes from them
-                first_pages.extend(mutations[: wanted + PREFETCH_EXTRA])
+        def on_chain_page(mutations: list[MutationMetadata], first: bool) -> None:
+            if first:  # the best of each first page: the entity page usually comes from them
+                first_pages[0].extend(mutations[: wanted + PREFETCH_EXTRA])
+
+        def on_pending_page(mutations: list[MutationMetadata], first: bool) -> None:
+            if first:
+                first_pages[1].extend(mutations[: wanted + PREFETCH_EXTRA])
 
         chain_total, chain_stream = self._stream(
-            self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns, wanted, on_page
+            self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns, wanted, on_chain_page
         )
         pending_total, pending_stream = self._stream(
             self._pending,
@@ -509,9 +518,9 @@ class EntitySearcher:
             self._pending_boost,
             now_ns,
             wanted,
-            on_page,
+            on_pending_page,
         )
-        prefetch.add(first_pages, aggregators)
+        prefetch.add(*first_pages, wanted)
         merged = heapq.merge(
             ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 0, m) for m in chain_stream),
             ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 1, m) for m in pending_stream),
