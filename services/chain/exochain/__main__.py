@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
-import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -30,13 +29,12 @@ from exocommon.config import Cell, NodeDirectory, Role
 from exocommon.errors import ExocoreError, FailedPrecondition
 from exocommon.grpc_util import ServiceServer, configure_logging
 from exocommon.grpc_util.server import stop_on_signals
+from exocommon.process import tune_garbage_collector
 
 log = logging.getLogger("exochain")
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-# Allocations (net of deallocations) between two youngest-generation garbage collections.
-GC_THRESHOLD_ALLOCATIONS = 20_000
 
 
 class ConfigurationProblem(Exception):
@@ -133,17 +131,6 @@ async def run(setup: ChainNodeSetup, storage: LevelDbStorage) -> int:
         await server.stop()
         await service.close()
     return EXIT_FAILURE if service.fatal_error is not None else 0
-
-
-def tune_garbage_collector() -> None:
-    """Fewer cyclic garbage collections. The service holds many long-lived objects (the pending
-    store's mirror, recent blocks) and allocates several per operation; with the default thresholds
-    (a collection every 700 allocations, a full one every 100 of those) collections took about a
-    quarter of the CPU under load. Almost all garbage is freed by reference counting anyway; what
-    exists at startup (modules, configuration) is moved out of the collector's sight for good."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD_ALLOCATIONS, 10, 10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from exocommon.config import NodeDirectory
 from exocommon.errors import ExocoreError
 from exocommon.grpc_util import configure_logging
 from exocommon.grpc_util.server import stop_on_signals
+from exocommon.process import tune_garbage_collector
 from exogateway.gateway import Gateway, GatewaySettings, directory_cell_source
 from exogateway.limits import LimitSettings
 
@@ -148,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        tune_garbage_collector()  # set up: what exists now lives as long as the process
         return asyncio.run(run(settings, Path(args.dir).expanduser(), args.cell, watched))
     except ExocoreError as exc:
         print(f"error: {exc}", file=sys.stderr)

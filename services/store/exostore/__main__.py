@@ -30,6 +30,7 @@ from exocommon.config import StoreSettings
 from exocommon.errors import ExocoreError, FailedPrecondition
 from exocommon.grpc_util import ServiceServer, configure_logging, create_channel
 from exocommon.grpc_util.server import stop_on_signals
+from exocommon.process import tune_garbage_collector
 from exocommon.sealed import derive_cell_data_key
 from exocore.chain.v1 import chain_pb2_grpc
 from exostore.entity_index import EntityIndex
@@ -170,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     try:
+        tune_garbage_collector()  # set up: what exists now lives as long as the process
         return asyncio.run(run(setup, registry, payloads))
     except ExocoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
