@@ -521,3 +521,43 @@ async def test_server_accepts_client_keepalive_pings_on_idle_streams():
     # (grpc cuts after a few strikes: about 3-4 s at this ping rate.)
     assert await _idle_stream_survives_pings([(MIN_PING_INTERVAL_OPTION, 100)], 6.0)
     assert not await _idle_stream_survives_pings([], 6.0)
+
+
+def test_wrapped_handlers_are_built_once_per_method_and_handler():
+    from exocommon.grpc_util._handlers import WrappedHandlers
+
+    async def behavior(request: bytes, context: object) -> bytes:
+        return request
+
+    first = grpc.unary_unary_rpc_method_handler(behavior)
+    other = grpc.unary_unary_rpc_method_handler(behavior)
+    cache = WrappedHandlers()
+    builds: list[grpc.RpcMethodHandler] = []
+
+    def build(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        wrapped = grpc.unary_unary_rpc_method_handler(handler.unary_unary)
+        builds.append(wrapped)
+        return wrapped
+
+    a = cache.get("/s/M", first, lambda: build(first))
+    assert cache.get("/s/M", first, lambda: build(first)) is a
+    assert cache.get("/s/N", first, lambda: build(first)) is not a  # per method
+    assert cache.get("/s/M", other, lambda: build(other)) is not a  # the method's handler changed
+    assert len(builds) == 3
+
+
+async def test_errors_are_mapped_on_every_call_not_only_the_first():
+    # The interceptors reuse their wrapped handler from the second call on.
+    state = EchoState()
+    server = ServiceServer("t", "127.0.0.1:0", [(add_generic, echo_handler(state), SERVICE)], drain_delay_s=0.0)
+    await server.start()
+    channel = create_channel(f"127.0.0.1:{server.bound_port}")
+    try:
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(f"/{SERVICE}/Unary")(b"invalid")
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details() == "bad x"
+            assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"fine") == b"fine"
+    finally:
+        await channel.close()
+        await server.stop()

@@ -24,7 +24,7 @@ import grpc.aio
 from exocommon import errors as _errors
 from exocommon.errors import ExocoreError
 
-from ._handlers import CoroBehavior, GenBehavior, wrap_handler
+from ._handlers import CoroBehavior, GenBehavior, WrappedHandlers, wrap_handler
 
 __all__ = ["INTERNAL_ERROR_DETAILS", "ErrorMappingInterceptor", "exception_from_rpc_error", "status_code_of"]
 
@@ -57,6 +57,9 @@ def _status_for(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Server interceptor turning handler exceptions into gRPC statuses (see module docstring)."""
+
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -99,7 +102,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             return mapped
 
-        return wrap_handler(handler, wrap_coro, wrap_gen)
+        return self._wrapped.get(method, handler, lambda: wrap_handler(handler, wrap_coro, wrap_gen))
 
 
 def _code_to_class() -> dict[grpc.StatusCode, type[ExocoreError]]:

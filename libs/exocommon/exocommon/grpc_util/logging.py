@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import grpc
 import grpc.aio
 
-from ._handlers import CoroBehavior, GenBehavior, wrap_handler
+from ._handlers import CoroBehavior, GenBehavior, WrappedHandlers, wrap_handler
 
 __all__ = ["TRACE", "KeyValueFormatter", "RequestLoggingInterceptor", "configure_logging", "parse_level"]
 
@@ -169,6 +169,9 @@ def _finish(
 class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
     """Server interceptor logging one line per call (see module docstring)."""
 
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -212,4 +215,4 @@ class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
 
             return logged
 
-        return wrap_handler(handler, wrap_coro, wrap_gen)
+        return self._wrapped.get(method, handler, lambda: wrap_handler(handler, wrap_coro, wrap_gen))
