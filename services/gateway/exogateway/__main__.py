@@ -9,6 +9,8 @@ Options:
                          node; such a replica serves HTTP only if --http is given too)
   --http HOST:PORT|none  HTTP address instead of the node's; `none` disables the HTTP endpoints
   --store HOST:PORT      an extra store replica (repeatable), besides the cell's store-role nodes
+  --resolve-stores       each store address stands for every address its host name resolves to,
+                         looked up again every 10 s (store pods behind a Kubernetes headless Service)
   --request-bytes-max N, --streams-per-token-max N, --calls-per-token-max N   per-client limits
 
 Exit status: 0 after a graceful stop (SIGTERM/SIGINT), 1 on a runtime failure (cannot listen),
@@ -89,6 +91,7 @@ def build_settings(args: argparse.Namespace) -> tuple[GatewaySettings, list[Path
         grpc_bind=grpc_bind,
         http_bind=http_bind,
         extra_store_addresses=tuple(args.store),
+        resolve_store_names=args.resolve_stores,
         limits=limits,
     )
     watched = [directory.node_yaml, directory.cell_yaml(args.cell)]
@@ -132,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", help="gRPC address HOST:PORT instead of the node's addresses.gateway")
     parser.add_argument("--http", help="HTTP address HOST:PORT instead of the node's addresses.http[0]; none: off")
     parser.add_argument("--store", action="append", default=[], help="extra store replica HOST:PORT (repeatable)")
+    parser.add_argument(
+        "--resolve-stores",
+        action="store_true",
+        help="each store address stands for every address its name resolves to (a Kubernetes headless Service)",
+    )
     defaults = LimitSettings()
     parser.add_argument("--request-bytes-max", type=int, default=defaults.request_bytes_max)
     parser.add_argument("--streams-per-token-max", type=int, default=defaults.streams_per_token_max)

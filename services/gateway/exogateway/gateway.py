@@ -49,6 +49,8 @@ class GatewaySettings:
     grpc_bind: str
     http_bind: str | None = None
     extra_store_addresses: tuple[str, ...] = ()
+    # Each store address stands for every address its host name resolves to (see `Router`).
+    resolve_store_names: bool = False
     limits: LimitSettings = field(default_factory=LimitSettings)
     call_timeout_s: float = CALL_TIMEOUT_S
     health_interval_s: float = HEALTH_INTERVAL_S
@@ -127,6 +129,7 @@ class Gateway:
             self._store_addresses(self.cell),
             health_interval_s=settings.health_interval_s,
             max_message_bytes=settings.max_message_bytes,
+            resolve_names=settings.resolve_store_names,
         )
         self.proxy = EntityStoreProxy(self.authenticator, self.router, self.limits, settings.call_timeout_s)
         self.grpc_server = ServiceServer(

@@ -13,6 +13,11 @@ first, then the others as a last resort (one may have come back since its last c
 at most once per call. Any other status is the store's answer and is returned to the client as is
 (`StoreStatusError`). `Router.open_stream` does the same for `WatchQuery` until the first message.
 
+With `resolve_names`, every configured address stands for all the addresses its host name resolves
+to, looked up again every `resolve_interval_s`: behind a Kubernetes headless Service (or a scaled
+compose service) each store pod is then a replica of its own, with its own connection and health
+check. Without it, one name is one connection, which a Service balances per connection, not per call.
+
 A mutation that fails over after UNAVAILABLE may have reached the first replica (e.g. it died after
 appending to the chain but before answering); the client then sees one success, and the first write
 may also exist. Clients that cannot accept that set their own entity and trait ids (puts are then
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 STORE_SERVICE = "exocore.store.v1.EntityStore"
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 1.0
+RESOLVE_INTERVAL_S = 10.0
 
 # Reconnect quickly to a replica that restarts (grpc's default backoff grows to 120 s).
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -98,12 +106,19 @@ class Router:
         health_timeout_s: float = HEALTH_TIMEOUT_S,
         service: str = STORE_SERVICE,
         max_message_bytes: int | None = None,
+        resolve_names: bool = False,
+        resolve_interval_s: float = RESOLVE_INTERVAL_S,
     ) -> None:
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
         self.service = service
         self._max_message_bytes = max_message_bytes
         self._addresses = _unique(addresses)
+        self.resolve_names = resolve_names
+        self.resolve_interval_s = resolve_interval_s
+        self._resolved_at = 0.0
+        # Per configured address: what it resolved to last (kept when a lookup fails).
+        self._resolved: dict[str, list[str]] = {}
         self._replicas: list[Replica] = []
         self._next = 0
         self._task: asyncio.Task[None] | None = None
@@ -135,8 +150,40 @@ class Router:
 
     async def set_addresses(self, addresses: Iterable[str]) -> None:
         """Adds new replicas (checked before they get calls) and closes removed ones."""
-        wanted = _unique(addresses)
-        self._addresses = wanted
+        self._addresses = _unique(addresses)
+        await self._apply(await self._expand(self._addresses))
+
+    async def _expand(self, addresses: list[str]) -> list[str]:
+        """The replica addresses of the configured ones (see `resolve_names`)."""
+        self._resolved_at = time.monotonic()
+        if not self.resolve_names:
+            return addresses
+        expanded: list[str] = []
+        loop = asyncio.get_running_loop()
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            host = host.strip("[]")
+            if not host or not port.isdigit() or _is_ip(host):
+                expanded.append(address)
+                continue
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except OSError as exc:
+                previous = self._resolved.get(address)
+                log.warning(
+                    "cannot resolve store address %s (%s); %s",
+                    address,
+                    exc,
+                    "keeping its last addresses" if previous else "trying it as it is",
+                )
+                expanded.extend(previous or [address])
+                continue
+            found = _unique(_join(info[4][0], int(port)) for info in infos)
+            self._resolved[address] = found
+            expanded.extend(found)
+        return _unique(expanded)
+
+    async def _apply(self, wanted: list[str]) -> None:
         current = {r.address: r for r in self._replicas}
         added = [self._open(a) for a in wanted if a not in current]
         await asyncio.gather(*(self._check(r) for r in added))
@@ -166,6 +213,8 @@ class Router:
                 async with asyncio.timeout(self.health_interval_s):
                     await self._wake.wait()
             self._wake.clear()
+            if self.resolve_names and time.monotonic() - self._resolved_at >= self.resolve_interval_s:
+                await self._apply(await self._expand(self._addresses))  # pods come and go
             await self.check_all()
 
     async def check_all(self) -> None:
@@ -274,6 +323,18 @@ async def iterate_stream(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[bytes]
         if item is grpc.aio.EOF:
             return
         yield item
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _join(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _unique(addresses: Iterable[str]) -> list[str]:

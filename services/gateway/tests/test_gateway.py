@@ -447,3 +447,55 @@ async def test_http_json_error_bodies_are_json(setup):
         async with session.post(f"{setup.http}/store/query?token=nope", json={"all": {}}) as response:
             assert response.status == 401
             assert "malformed auth token" in json.loads(await response.text())["error"]
+
+
+# --- store names resolved to every replica (Kubernetes headless Service) -------------------------------------
+
+
+async def test_a_store_name_stands_for_every_address_it_resolves_to(monkeypatch):
+    import socket
+
+    from exogateway.routing import Router
+
+    answers: dict[str, list[str]] = {}
+
+    async def fake_getaddrinfo(host: str, port: int, **kwargs: object) -> list[tuple[object, ...]]:
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers[host]]
+
+    first, second = FakeEntityStore("a"), FakeEntityStore("b")
+    async with fake_store_server(first, "127.0.0.1:0") as server_a:
+        port = server_a.bound_port
+        async with fake_store_server(second, f"127.0.0.2:{port}"):
+            monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fake_getaddrinfo)
+            answers["stores.test"] = ["127.0.0.1", "127.0.0.2", "127.0.0.1"]
+            router = Router([f"stores.test:{port}"], resolve_names=True, health_interval_s=0.05, resolve_interval_s=0)
+            await router.start()
+            try:
+                assert router.healthy_addresses() == [f"127.0.0.1:{port}", f"127.0.0.2:{port}"]
+                request = QueryBuilder.all().build().SerializeToString()
+                for _ in range(4):
+                    await router.unary("/exocore.store.v1.EntityStore/Query", request, timeout=5)
+                assert (len(first.calls), len(second.calls)) == (2, 2)  # calls, not connections, spread
+
+                answers["stores.test"] = ["127.0.0.2"]  # a pod went away: looked up again
+                await asyncio.sleep(0.3)
+                assert [r.address for r in router.replicas] == [f"127.0.0.2:{port}"]
+
+                del answers["stores.test"]  # DNS trouble: the last answer is kept
+                await asyncio.sleep(0.3)
+                assert [r.address for r in router.replicas] == [f"127.0.0.2:{port}"]
+            finally:
+                await router.close()
+
+
+async def test_without_resolution_a_store_name_is_one_replica():
+    from exogateway.routing import Router
+
+    router = Router(["localhost:1", "127.0.0.1:2"], health_interval_s=10)
+    try:
+        await router.set_addresses(["localhost:1", "127.0.0.1:2"])
+        assert [r.address for r in router.replicas] == ["localhost:1", "127.0.0.1:2"]
+    finally:
+        await router.close()
