@@ -7,7 +7,11 @@ index on disk. Both share one `IndexSchema` (and so one `QueryCompiler`).
 * `search(query, count, offset)` runs `query`'s predicate, ordered by `query.ordering` (or the predicate's
   default), ties broken by operation id (higher first when descending), and returns `MutationResults`:
   raw BM25 scores (`SortKind.SCORE`) or fast field values (`UINT` / `INT`). Recency, pending-index and
-  reference boosts are the searcher's (`recency_boost` is here for it);
+  reference boosts are the searcher's (`recency_boost` is here for it). For a fast-field ordering,
+  ``uint64`` page bounds in `query.paging` (`after_ordering_value` / `before_ordering_value`: (value, operation
+  id), a signed field's value as ``value + 2**63``, as the searcher's ordering values) restrict the search
+  to the documents strictly between them, ties by operation id included (`_bounded_query`): the searcher's
+  pages start at their bound instead of reading every match ranked before it;
 * `fetch_entity_mutations(entity_id)`: every document of an entity, ascending operation id, de-duplicated,
   LRU-cached (invalidated by writes touching the entity).
 
@@ -18,7 +22,8 @@ of scores equal to the boundary's is complete (up to `TIE_EXPANSION_CAP` hits: a
 many documents costs O(matches) under a score ordering). The rows such a fetch sorted (all of them when
 the query's matches were all fetched, else those scoring above the last hit) are kept for the next pages
 of the same compiled query while the searcher stays the same (`SCORE_ROWS_CACHE_SIZE` queries): fuzzy
-matches all score 1.0, so a rare word's page boundary usually cuts a run of thousands of them. Only the
+matches all score 1.0, so a rare word's page boundary usually cuts a run of thousands of them. An ascending
+score ordering fetches and sorts every match once, kept the same way for its next pages. Only the
 first page of a search counts its matches (`with_total`): counting disables tantivy's block skipping.
 
 Costs kept off the query path (same results): a page of the same compiled query on the same searcher is
@@ -100,6 +105,25 @@ TIE_LOOKAHEAD = 64  # extra hits a first score-ordered search fetches (see `_sea
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
 SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
 DOCUMENT_CACHE_SIZE = 20_000  # pending documents kept for the chain index (~2 KB each for a note)
+
+
+_INT_BIAS = 1 << 63  # a signed field's page bound is `value + _INT_BIAS` (the searcher's ordering values)
+_U64_MAX = (1 << 64) - 1
+
+
+def _page_bounds(query: query_pb2.EntityQuery) -> tuple[tuple[int, int] | None, tuple[int, int] | None] | None:
+    """The ``uint64`` (value, operation id) page bounds of `query` (after, before), None without any."""
+    if not query.HasField("paging"):
+        return None
+    paging = query.paging
+    bounds: list[tuple[int, int] | None] = []
+    for name in ("after_ordering_value", "before_ordering_value"):
+        bound = getattr(paging, name) if paging.HasField(name) else None  # type: ignore[arg-type]
+        ok = bound is not None and bound.WhichOneof("value") == "uint64"
+        bounds.append((bound.uint64, bound.operation_id) if ok else None)  # type: ignore[union-attr]
+    if bounds[0] is None and bounds[1] is None:
+        return None
+    return bounds[0], bounds[1]
 
 
 def recency_boost(now_ns: int, date_ns: int) -> float:
@@ -234,8 +258,9 @@ class MutationIndex:
         # id(compiled query) -> (searcher, compiled query, sorted rows, complete, total): the rows fetched by
         # a score-ordered search, valid while that searcher is the current one (see `_search_by_score`)
         self._score_rows: OrderedDict[int, tuple] = OrderedDict()  # type: ignore[type-arg]
-        # (id(compiled query), offset, count, with_total) -> (searcher, compiled query, mutations, total)
-        self._results: OrderedDict[tuple[int, int, int, bool], tuple] = OrderedDict()  # type: ignore[type-arg]
+        # (id(compiled query), offset, count, with_total, page bounds) -> (searcher, compiled query, mutations,
+        # total)
+        self._results: OrderedDict[tuple, tuple] = OrderedDict()  # type: ignore[type-arg]
         self._entity_cache_size = entity_cache_size
         self._meta_cache: dict[int, _Meta] = {}
         self._meta_cache_size = metadata_cache_size
@@ -496,20 +521,22 @@ class MutationIndex:
         searcher = self._searcher
         compiled = compiled or self.compiler.compile(query)
         count, offset = max(0, count), max(0, offset)
+        field = compiled.sort_field
+        bounds = _page_bounds(query) if field is not None else None
         # The same page of the same compiled query on the same searcher (same documents and statistics,
         # hence the same scores): watches re-running, lists polled, repeated searches.
-        key = (id(compiled), offset, count, with_total)
+        key = (id(compiled), offset, count, with_total, bounds)
         with self._cache_lock:
             cached = self._results.get(key)
             if cached is not None and cached[0] is searcher and cached[1] is compiled:
                 self._results.move_to_end(key)
                 return MutationResults(list(cached[2]), cached[3])
         window = offset + count
-        field = compiled.sort_field
         if field is None:
             rows, total = self._search_by_score(searcher, compiled, offset, window, with_total)
         else:
-            rows, total = self._search_by_field(searcher, compiled, field, offset, window, with_total)
+            tquery = compiled.query if bounds is None else self._bounded_query(compiled, field, bounds)
+            rows, total = self._search_by_field(searcher, compiled, field, offset, window, with_total, tquery)
         kind = compiled.sort_kind
         cache = self._meta_cache
         mutations = []
@@ -529,22 +556,23 @@ class MutationIndex:
     ) -> tuple[list[tuple[float, int, tantivy.DocAddress]], int]:
         """Rows `offset..window` (score, operation id, address) ordered by score then operation id."""
         query = compiled.query
-        if compiled.ascending:  # worst first: every match is needed
-            total = searcher.search(query, 1, count=True).count
-            hits = searcher.search(query, max(1, total), count=False).hits
-            if not hits or offset >= len(hits):
-                return [], total
-            addrs = [addr for _, addr in hits]
-            op_ids = searcher.fast_field_values(F_OPERATION_ID, addrs)
-            keys = [(score, op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
-            keys.sort()
-            return [(hits[i][0], op_ids[i], addrs[i]) for _, _, i in keys[offset:window]], total
-
         cached = self._cached_score_rows(searcher, compiled, window)
         if cached is not None:
             rows, total = cached
             if with_total and total < 0:
                 total = searcher.search(query, 1, count=True).count
+            return rows[offset:window], total
+        if compiled.ascending:  # worst first: every match is needed (kept for the next pages)
+            total = searcher.search(query, 1, count=True).count
+            hits = searcher.search(query, max(1, total), count=False).hits
+            if not hits:
+                return [], total
+            addrs = [addr for _, addr in hits]
+            op_ids = searcher.fast_field_values(F_OPERATION_ID, addrs)
+            keys = [(score, op, i) for i, ((score, _), op) in enumerate(zip(hits, op_ids, strict=True))]
+            keys.sort()
+            rows = [(hits[i][0], op_ids[i], addrs[i]) for _, _, i in keys]
+            self._cache_score_rows(searcher, compiled, rows, True, total)
             return rows[offset:window], total
         # tantivy breaks score ties by document address: fetch more until the run of scores equal to the
         # page boundary's is complete, so that ties are ordered by operation id (exact paging by offset).
@@ -634,10 +662,13 @@ class MutationIndex:
         offset: int,
         window: int,
         with_total: bool = True,
+        query: tantivy.Query | None = None,
     ) -> tuple[list[tuple[int, int, tantivy.DocAddress]], int]:
-        """Rows `offset..window` (field value, operation id, address) ordered by value then operation id."""
+        """Rows `offset..window` (field value, operation id, address) ordered by value then operation id, of
+        `query` (default: the compiled one)."""
+        query = compiled.query if query is None else query
         order = tantivy.Order.Asc if compiled.ascending else tantivy.Order.Desc
-        result = searcher.search(compiled.query, max(1, window), count=with_total, order_by_field=field, order=order)
+        result = searcher.search(query, max(1, window), count=with_total, order_by_field=field, order=order)
         total = result.count if with_total else -1
         hits = result.hits
         if not hits or offset >= len(hits):
@@ -647,7 +678,7 @@ class MutationIndex:
         op_ids = searcher.fast_field_values(F_OPERATION_ID, [addr for _, addr in hits])
         raw = list(zip((v for v, _ in hits), op_ids, (addr for _, addr in hits), strict=True))
         if len(hits) >= window and (total < 0 or total > len(hits)):
-            raw = self._resolve_boundary_ties(searcher, compiled, field, order, raw)
+            raw = self._resolve_boundary_ties(searcher, query, field, order, raw)
         # documents without the field come last in both directions, as tantivy orders them
         if compiled.ascending:
             keys = [(v is None, v or 0, op, i) for i, (v, op, _) in enumerate(raw)]
@@ -663,7 +694,7 @@ class MutationIndex:
     def _resolve_boundary_ties(
         self,
         searcher: tantivy.Searcher,
-        compiled: CompiledQuery,
+        query: tantivy.Query,
         field: str,
         order: tantivy.Order,
         rows: list[tuple[int | None, int, tantivy.DocAddress]],
@@ -675,14 +706,82 @@ class MutationIndex:
         needed = len(rows) - len(kept)
         if boundary is None:
             same = tantivy.Query.exists_query(field)
-            clauses = [(tantivy.Occur.Must, compiled.query), (tantivy.Occur.MustNot, same)]
+            clauses = [(tantivy.Occur.Must, query), (tantivy.Occur.MustNot, same)]
         else:
             same = tantivy.Query.term_query(self.schema.tantivy_schema, field, int(boundary))
-            clauses = [(tantivy.Occur.Must, compiled.query), (tantivy.Occur.Must, same)]
+            clauses = [(tantivy.Occur.Must, query), (tantivy.Occur.Must, same)]
         ties = searcher.search(
             tantivy.Query.boolean_query(clauses), needed, count=False, order_by_field=F_OPERATION_ID, order=order
         ).hits
         return kept + [(boundary, int(op), addr) for op, addr in ties]
+
+    def _bounded_query(
+        self, compiled: CompiledQuery, field: str, bounds: tuple[tuple[int, int] | None, tuple[int, int] | None]
+    ) -> tantivy.Query:
+        """`compiled.query` restricted to the documents whose (field value, operation id) is strictly after
+        `bounds[0]` and strictly before `bounds[1]` (either may be None). A document without the field
+        sorts as value 0 (as `_search_by_field` returns it): it is kept whenever 0 may be within."""
+        signed = compiled.sort_kind is SortKind.INT
+        clauses = [(tantivy.Occur.Must, compiled.query)]
+        for bound, greater in ((bounds[0], True), (bounds[1], False)):
+            if bound is not None:
+                value, operation_id = bound
+                if signed:
+                    value -= _INT_BIAS
+                clauses.append((tantivy.Occur.Must, self._beyond(field, signed, value, operation_id, greater)))
+        return tantivy.Query.boolean_query(clauses)
+
+    def _beyond(self, field: str, signed: bool, value: int, operation_id: int, greater: bool) -> tantivy.Query:
+        """Documents whose (field value, operation id) is greater (else less) than (value, operation_id)."""
+        tschema = self.schema.tantivy_schema
+        low_dom, high_dom = (-_INT_BIAS, _INT_BIAS - 1) if signed else (0, _U64_MAX)
+        field_type = tantivy.FieldType.Integer if signed else tantivy.FieldType.Unsigned
+
+        def span(name: str, kind: tantivy.FieldType, low: int, high: int) -> tantivy.Query | None:
+            if low > high:
+                return None
+            return tantivy.Query.range_query(tschema, name, kind, low, high)
+
+        if field == F_OPERATION_ID:  # the value is the operation id
+            if greater:
+                query = span(field, field_type, value if value > operation_id else value + 1, high_dom)
+            else:
+                query = span(field, field_type, low_dom, value if value < operation_id else value - 1)
+            return query or tantivy.Query.empty_query()
+        options: list[tantivy.Query] = []
+        strictly = (
+            span(field, field_type, value + 1, high_dom) if greater else span(field, field_type, low_dom, value - 1)
+        )
+        if strictly is not None:
+            options.append(strictly)
+        unsigned = tantivy.FieldType.Unsigned
+        ties = (
+            span(F_OPERATION_ID, unsigned, operation_id + 1, _U64_MAX)
+            if greater
+            else span(F_OPERATION_ID, unsigned, 0, operation_id - 1)
+        )
+        if ties is not None:
+            options.append(
+                tantivy.Query.boolean_query(
+                    [
+                        (tantivy.Occur.Must, tantivy.Query.term_query(tschema, field, value)),
+                        (tantivy.Occur.Must, ties),
+                    ]
+                )
+            )
+        if field not in (F_CREATION_DATE, F_MODIFICATION_DATE) and (value <= 0 if greater else value >= 0):
+            # documents without the field: value 0 (a superset: the searcher checks the bound exactly)
+            options.append(
+                tantivy.Query.boolean_query(
+                    [
+                        (tantivy.Occur.Must, tantivy.Query.all_query()),
+                        (tantivy.Occur.MustNot, tantivy.Query.exists_query(field)),
+                    ]
+                )
+            )
+        if not options:
+            return tantivy.Query.empty_query()
+        return tantivy.Query.boolean_query([(tantivy.Occur.Should, option) for option in options])
 
     def _meta(self, searcher: tantivy.Searcher, operation_id: int, addr: tantivy.DocAddress) -> _Meta:
         meta = self._meta_cache.get(operation_id)

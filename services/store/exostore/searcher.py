@@ -25,20 +25,39 @@ Ordering values:
 Differences from the original, on purpose:
 
 * `next_page` is absent when the page is empty **or partial** (fewer than `count` results): a partial
-  page is the last one (SPEC 11 item 7 calls the original's behaviour a bug);
+  page is the last one (SPEC 11 item 7 calls the original's behaviour a bug) -- unless the iteration cap
+  cut it short (below);
 * when the results hash equals a non-zero `result_hash`, `skipped_hash` is set and **no entities** are
   returned (the original returned entity shells; the proto says empty). 0 means "no hash" (proto3
   default), so an empty page is never reported as skipped;
 * traits are ordered by trait id (the original's order was a hash map's, SPEC 11 item 9);
 * the iteration cap per index (`max_pages` × `page_size`, default 5 × 1000 as the original) is a
-  constructor parameter; ``max_pages=None`` removes it. Within it, each index is read lazily: a first
-  page of ``max(12, 1.5 × count)`` mutations, then pages growing 4 times up to `page_size`, and score
-  streams are re-ranked by their boosts lazily too (`_score_matches`): a page of 10 usually reads a few
-  dozen mutations per index instead of 5,000 (same results: paging by offset is exact); the mutations
-  of the entities best ranked on the first pages are fetched in one batch per index (`_Prefetch`, when
-  the sources have `fetch_entities_mutations`) before aggregating them;
-* with recency boosting the cap selects each index's best mutations by raw score (the original capped
-  after boosting);
+  constructor parameter; ``max_pages=None`` removes it. It never loses results (the original's pages
+  past the first 5,000 mutations of an index were unreachable, SPEC 11 item 7): it counts only the
+  matches past the page's start bound (`after_ordering_value` ascending, `before_ordering_value`
+  descending), and when it stops an index's stream before the page is full, the page gets a `next_page`
+  bounded by the last match examined (all that ranks up to it was examined; see `_capped`), so paging
+  goes on from there and every page's bound strictly advances;
+* pages of a non-score ordering start at their bound: the searcher pushes the bound into the index search
+  (`query.paging` of `MutationSource.search`), so a deep page reads what lies past its bound only. An
+  entity ranks by its best matching mutation, which may lie before the bound (an earlier page returned
+  it): such an entity is recognised by its other active mutations ranked before the bound that match the
+  query (`_ranked_before_bound`: rarely more than a search per index, only for entities having such
+  mutations). Score orderings cannot start at their bound (the index ranks raw scores, the page boosted
+  ones): each page reads both indices from the top. **Remaining cost**: a deep score page reads every
+  mutation ranked before its bound (their metadata only: their entities are aggregated only if they show
+  up again past the bound, see `candidates` in `search`); likewise an ascending score ordering with
+  recency boost reads every match (a boost has no lower bound); and a ``field`` ordering of a query string
+  is not pushed down (no sub-query can restrict a query string to some operations);
+* within the cap, each index is read lazily: a first page of ``max(12, 1.5 × count)`` mutations, then
+  pages growing 4 times up to `page_size`, and score streams are re-ranked by their boosts lazily too
+  (`_score_matches`): a page of 10 usually reads a few dozen mutations per index (same results: paging by
+  offset is exact); the mutations of the entities best ranked on the first pages are fetched in one batch
+  per index (`_Prefetch`, when the sources have `fetch_entities_mutations`) before aggregating them;
+* `estimated_count` counts entities (the original counted mutations, SPEC 11 item 7): exact when both
+  indices were read to the end from the top (the distinct entities that matched, deleted ones only with
+  `include_deleted`); otherwise the matching mutations of both indices × the distinct entities per
+  mutation examined, at least the entities seen;
 * entities flagged for GC are reported to the `gc_flagger` callback once per search; an entity whose
   aggregation says `should_collect` is flagged when it is returned, even if the page was skipped by hash.
 """
@@ -81,6 +100,7 @@ RECENCY_DECAY = 0.2
 NS_PER_DAY = 86_400 * 1_000_000_000
 _INT_BIAS = 1 << 63
 _U32_MAX = 0xFFFF_FFFF
+_U64_MAX = (1 << 64) - 1
 
 
 # --- what the searcher needs from the rest of the store ----------------------------------------------------
@@ -92,7 +112,11 @@ class MutationSource(Protocol):
     `search` returns the documents matching `query`'s predicate, ordered by `query.ordering` (always set by
     the searcher: value and direction; ties by operation id, higher first when descending), skipping the
     first `offset` and returning at most `count`; `total` counts every matching document. `query.paging`
-    is cleared: it is the entity-level paging, not the index's. For a ``score`` ordering, `sort_value` is
+    has no count nor offset (they are the arguments); for a non-score ordering its `after_ordering_value`
+    / `before_ordering_value`, when set (``uint64`` values, a signed field's as ``value + 2**63``), tell
+    the source it may return only the documents whose (sort value, operation id) lies strictly between
+    them (then `total` counts those): pages start at their bound. A source may ignore them (the searcher
+    filters by bound anyway), at the cost of reading from the top. For a ``score`` ordering, `sort_value` is
     the raw relevance score (`SortKind.SCORE`) **without** recency or index boost (the searcher applies
     them); otherwise it is the u64 sort field (`SortKind.UINT`; operation id, explicit date in ns or 0, or
     the sorted field; `SortKind.INT` for signed fields). `sort_value.operation_id` is the document's
@@ -118,7 +142,8 @@ class _Prefetch:
     pages; from the chain index for those of its own first page, unless the pending index filled its first
     page: its matches (boosted 5 times) then usually make most of the entity page, and the few chain
     entities aggregated cost less one by one than a batch of all of them. An entity found only in the
-    pending index is usually new: it is looked up alone in the chain index if aggregated."""
+    pending index is usually new: it is looked up alone in the chain index if aggregated. (Score pages past
+    a bound prefetch nothing: their first pages rank before the bound, see `EntitySearcher.search`.)"""
 
     def __init__(self, pending: MutationSource, chain: MutationSource) -> None:
         self._pending = getattr(pending, "fetch_entities_mutations", None)
@@ -227,6 +252,37 @@ def _within(value: _OV, after: _OV | None, before: _OV | None) -> bool:
     if before is not None and _compare_ov(value, before) != -1:
         return False
     return after is None or _compare_ov(value, after) == 1
+
+
+def _pre_bound_test(start: _OV | None, ascending: bool) -> Callable[[_OV], bool] | None:
+    """Tells whether an ordering value ranks at or before `start`, the bound a page starts from (its
+    `after_ordering_value` ascending, `before_ordering_value` descending); None when there is none.
+    Incomparable values rank before (they are never within the page)."""
+    if start is None:
+        return None
+    outside = 1 if ascending else -1
+
+    def test(value: _OV) -> bool:
+        return _compare_ov(value, start) != outside
+
+    return test
+
+
+def _put_date(attribute: str) -> Callable[[MutationMetadata], int]:
+    def value(mutation: MutationMetadata) -> int:
+        kind = mutation.mutation_type
+        return (getattr(kind, attribute) or 0) if isinstance(kind, TraitPutMeta) else 0
+
+    return value
+
+
+# The sort value of a mutation, from its metadata, for the orderings where the metadata holds it (as the
+# index's fast fields: an explicit date in ns, else 0; tombstones 0).
+_KNOWN_SORT_VALUES: dict[str, Callable[[MutationMetadata], int]] = {
+    "operation_id": lambda mutation: mutation.operation_id,
+    "created_at": _put_date("creation_date"),
+    "updated_at": _put_date("modification_date"),
+}
 
 
 def is_within_page_bound(value: query_pb2.OrderingValue, paging: query_pb2.Paging) -> bool:
@@ -385,12 +441,19 @@ T = TypeVar("T")
 K = TypeVar("K", bound=_Comparable)
 
 
-def top_negatively_rescored(items: Iterable[T], count: int, keys: Callable[[T], tuple[K, K]]) -> list[T]:
+def top_negatively_rescored(
+    items: Iterable[T],
+    count: int,
+    keys: Callable[[T], tuple[K, K]],
+    flush_until: Callable[[], K | None] | None = None,
+) -> list[T]:
     """The best `count` items by penalized key, from `items` sorted by original key (smaller key = better).
 
     `keys(item)` returns (original key, penalized key), the penalized key never better than the original.
     Items wait in a heap by penalized key and are released once the stream's original keys get worse than
     them, so the stream is consumed only as far as needed. Keys must be mutually comparable with ``<=``.
+    `flush_until()`, called once `items` is exhausted, may return a key: the stream was cut there (items
+    beyond it were not read), so only waiting items whose penalized key is at most that key are released.
     """
     top: list[T] = []
     if count <= 0:
@@ -402,9 +465,10 @@ def top_negatively_rescored(items: Iterable[T], count: int, keys: Callable[[T], 
         while reserve and reserve[0][0] <= original and len(top) < count:
             top.append(heapq.heappop(reserve)[2])
         if len(top) >= count:
-            break
+            return top
         heapq.heappush(reserve, (penalized, next(seq), item))
-    while reserve and len(top) < count:
+    limit = flush_until() if flush_until is not None else None
+    while reserve and len(top) < count and (limit is None or reserve[0][0] <= limit):
         top.append(heapq.heappop(reserve)[2])
     return top
 
@@ -418,6 +482,24 @@ class _Match:
     source: query_pb2.EntityResultSource.ValueType
     kind: str  # "float" | "uint64"
     value: float | int
+
+
+@dataclass(slots=True)
+class _Stop:
+    """End of an index's stream cut by the iteration cap: every match ranked up to `ov` (rank `key`) was
+    yielded before it, and any match left ranks after it."""
+
+    key: tuple[float | int, float | int]
+    ov: _OV
+
+
+@dataclass(slots=True)
+class _Walk:
+    """What a search's walk over the merged stream saw (for `next_page` and `estimated_count`)."""
+
+    stop: _Stop | None = None
+    exhausted: bool = False
+    examined: int = 0
 
 
 @dataclass(slots=True)
@@ -475,7 +557,8 @@ class EntitySearcher:
 
         ordering = self._resolve_ordering(query)
         ascending = ordering.ascending
-        is_score = ordering.WhichOneof("value") == "score"
+        order_kind = ordering.WhichOneof("value")
+        is_score = order_kind == "score"
         recency = is_score and not ordering.no_recency_boost
         reference_boost = not ordering.no_reference_boost
 
@@ -485,28 +568,59 @@ class EntitySearcher:
             page.count = DEFAULT_PAGE_COUNT
         after = _ov_from_proto(page.after_ordering_value) if page.HasField("after_ordering_value") else None
         before = _ov_from_proto(page.before_ordering_value) if page.HasField("before_ordering_value") else None
+        start = after if ascending else before  # the bound this page starts from
+        pre_bound = _pre_bound_test(start, ascending)
 
         index_query = query_pb2.EntityQuery()
         index_query.CopyFrom(query)
         index_query.ClearField("paging")
         index_query.ordering.CopyFrom(ordering)
+        count_query = index_query
+        # Non-score orderings: the indices start at the page's bound (see the module doc).
+        sort_value_of = _KNOWN_SORT_VALUES.get(order_kind or "")
+        pushed = False
+        if not is_score and (sort_value_of is not None or query.WhichOneof("predicate") != "query_string"):
+            bounds = [(b, name) for b, name in ((after, "after"), (before, "before")) if b and b[0] == "uint64"]
+            if bounds:
+                pushed = True
+                index_query = query_pb2.EntityQuery()
+                index_query.CopyFrom(count_query)
+                for bound, name in bounds:
+                    getattr(index_query.paging, f"{name}_ordering_value").CopyFrom(_ov_to_proto(bound))
 
         now_ns = self._now_ns()
         wanted = page.count
         aggregators: dict[str, EntityAggregator | None] = {}
+        origins: dict[str, tuple[list[MutationMetadata], list[MutationMetadata]]] = {}
         prefetch = _Prefetch(self._pending, self._chain)
         first_pages: tuple[list[MutationMetadata], list[MutationMetadata]] = ([], [])  # chain, pending
 
+        # The best of each first page: the entity page usually comes from them. Not when the indices are read
+        # from the top past a bound (score orderings): their first pages then rank mostly before the bound,
+        # and such entities are not aggregated (see `deferred` below).
+        prefetching = pre_bound is None or pushed
+
         def on_chain_page(mutations: list[MutationMetadata], first: bool) -> None:
-            if first:  # the best of each first page: the entity page usually comes from them
+            if first and prefetching:
                 first_pages[0].extend(mutations[: wanted + PREFETCH_EXTRA])
 
         def on_pending_page(mutations: list[MutationMetadata], first: bool) -> None:
-            if first:
+            if first and prefetching:
                 first_pages[1].extend(mutations[: wanted + PREFETCH_EXTRA])
 
         chain_total, chain_stream = self._stream(
-            self._chain, index_query, query_pb2.CHAIN, is_score, ascending, recency, 1.0, now_ns, wanted, on_chain_page
+            self._chain,
+            index_query,
+            query_pb2.CHAIN,
+            is_score,
+            ascending,
+            recency,
+            1.0,
+            now_ns,
+            wanted,
+            on_chain_page,
+            pre_bound=pre_bound,
+            with_total=not pushed,
         )
         pending_total, pending_stream = self._stream(
             self._pending,
@@ -519,13 +633,22 @@ class EntitySearcher:
             now_ns,
             wanted,
             on_pending_page,
+            pre_bound=pre_bound,
+            with_total=not pushed,
         )
+        if pushed:  # the counts of every match, not only of those past the bound (cached by the indices)
+            chain_total = self._chain.search(count_query, 0, 0).total
+            pending_total = self._pending.search(count_query, 0, 0).total
         prefetch.add(*first_pages, wanted)
-        merged = heapq.merge(
-            ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 0, m) for m in chain_stream),
-            ((self._rank_key(m.value, m.mutation.sort_value.operation_id, ascending), 1, m) for m in pending_stream),
-            key=lambda entry: (entry[0], entry[1]),
-        )
+
+        def entries(stream: Iterator[_Match | _Stop], index: int) -> Iterator[tuple[Any, int, _Match | _Stop]]:
+            for item in stream:
+                if isinstance(item, _Stop):
+                    yield item.key, index, item
+                else:
+                    yield self._rank_key(item.value, item.mutation.sort_value.operation_id, ascending), index, item
+
+        merged = heapq.merge(entries(chain_stream, 0), entries(pending_stream, 1), key=lambda e: (e[0], e[1]))
 
         flagged: set[str] = set()
 
@@ -534,19 +657,59 @@ class EntitySearcher:
                 flagged.add(agg.entity_id)
                 self._gc_flagger(agg)
 
+        def surely_before_bound(match: _Match) -> bool:
+            """Ranked before the page's start bound whatever the entity's reference penalty."""
+            if pre_bound is None:
+                return False
+            op_id = match.mutation.sort_value.operation_id
+            if not pre_bound((match.kind, match.value, op_id)):
+                return False
+            if match.kind == "float" and reference_boost:
+                value = match.value
+                penalized = to_f32(value / REFERENCE_PENALTY if ascending else value * REFERENCE_PENALTY)
+                return pre_bound(("float", penalized, op_id))
+            return True
+
+        walk = _Walk()
+        seen: set[str] = set()
+        # entity -> its mutations ranked before the page's bound, not aggregated (yet): an entity is
+        # aggregated only if it shows up past the bound (then it ranks before the bound if one of them is
+        # active), so a deep page reading from the top does not aggregate every entity of the earlier pages
+        deferred: dict[str, list[int]] = {}
+
         def candidates() -> Iterator[_Candidate]:
-            seen: set[str] = set()
-            for original_key, _, match in merged:
+            for original_key, _, item in merged:
+                if isinstance(item, _Stop):
+                    walk.stop = item  # an index's stream was cut: nothing is known beyond
+                    return
+                match = item
+                walk.examined += 1
                 entity_id = match.mutation.entity_id
                 if entity_id in seen:
                     continue  # dedup before the page bounds: an entity ranks by its best mutation only
-                agg = self._aggregate(entity_id, aggregators, prefetch)
+                if surely_before_bound(match):
+                    deferred.setdefault(entity_id, []).append(match.mutation.operation_id)
+                    continue
+                agg = self._aggregate(entity_id, aggregators, prefetch, origins)
                 if agg is None:
                     continue
+                earlier = deferred.pop(entity_id, None)
+                if earlier is not None:
+                    active = agg.active_operations
+                    if agg.deleted or not all(op_id in active for op_id in earlier):
+                        flag(agg)
+                    if query.include_deleted or any(op_id in active for op_id in earlier):
+                        seen.add(entity_id)  # ranked before the bound by an earlier mutation
+                        continue
                 if agg.deleted or match.mutation.operation_id not in agg.active_operations:
                     flag(agg)
                     if not query.include_deleted:
                         continue  # not marked as seen: a later active mutation may still surface it
+                if pushed and self._ranked_before_bound(
+                    index_query, match, agg, origins.get(entity_id), query.include_deleted, pre_bound, sort_value_of
+                ):
+                    seen.add(entity_id)  # its best match lies before the bound: returned by an earlier page
+                    continue
                 seen.add(entity_id)
 
                 op_id = match.mutation.sort_value.operation_id
@@ -557,8 +720,14 @@ class EntitySearcher:
                 if not _within(ordering_value, after, before):
                     continue
                 yield _Candidate(match, agg, original_key, self._rank_key(value, op_id, ascending), ordering_value)
+            walk.exhausted = True
 
-        selected = top_negatively_rescored(candidates(), page.count, lambda c: (c.original_key, c.penalized_key))
+        selected = top_negatively_rescored(
+            candidates(),
+            page.count,
+            lambda c: (c.original_key, c.penalized_key),
+            lambda: walk.stop.key if walk.stop is not None else None,
+        )
 
         results_hash = crc64_of_u64s(c.aggregator.hash for c in selected)
         skipped = query.result_hash != 0 and results_hash == query.result_hash
@@ -566,19 +735,33 @@ class EntitySearcher:
             if candidate.aggregator.should_collect:
                 flag(candidate.aggregator)
 
-        next_page: query_pb2.Paging | None = None
+        bound: _OV | None = None
         if selected and len(selected) >= page.count:
+            bound = selected[-1].ordering_value
+        elif walk.stop is not None:
+            # the cap cut the page short: the next page goes on from the last match examined (every
+            # entity ranked up to it was returned by this page or an earlier one)
+            bound = walk.stop.ov
+        next_page: query_pb2.Paging | None = None
+        if bound is not None:
             next_page = query_pb2.Paging()
             next_page.CopyFrom(page)
-            bound = _ov_to_proto(selected[-1].ordering_value)
             if ascending:
-                next_page.after_ordering_value.CopyFrom(bound)
+                next_page.after_ordering_value.CopyFrom(_ov_to_proto(bound))
             else:
-                next_page.before_ordering_value.CopyFrom(bound)
+                next_page.before_ordering_value.CopyFrom(_ov_to_proto(bound))
 
+        total = max(0, chain_total) + max(0, pending_total)
+        entities = len(seen) + len(deferred)
+        if walk.exhausted and not pushed:
+            estimated = entities  # every match was examined (deferred entities were not aggregated: counted)
+        elif walk.examined:
+            estimated = max(entities, round(total * entities / walk.examined))
+        else:
+            estimated = total
         results = query_pb2.EntityResults(
             skipped_hash=skipped,
-            estimated_count=min(chain_total + pending_total, _U32_MAX),
+            estimated_count=min(estimated, _U32_MAX),
             current_page=page,
             hash=results_hash,
         )
@@ -609,15 +792,14 @@ class EntitySearcher:
         query: query_pb2.EntityQuery,
         wanted: int,
         on_page: Callable[[list[MutationMetadata], bool], None] | None = None,
+        with_total: bool = True,
     ) -> tuple[int, Iterator[MutationMetadata]]:
         """The source's matching mutations in order, read lazily: a first page sized for `wanted` entities,
-        then pages growing `PAGE_GROWTH` times up to `page_size`; at most `max_pages × page_size` in all
-        (the same mutations as reading pages of `page_size`: paging by offset is exact)."""
-        cap = None if self._max_pages is None else self._max_pages * self._page_size
+        then pages growing `PAGE_GROWTH` times up to `page_size` (the same mutations as reading pages of
+        `page_size`: paging by offset is exact). The iteration cap is `_capped`'s. `with_total=False`: the
+        total returned is unspecified (-1 or the source's count)."""
         size = min(self._page_size, max(FIRST_PAGE_MIN, wanted + wanted // 2))
-        if cap is not None:
-            size = min(size, cap)
-        first = source.search(query, size, 0)
+        first = source.search(query, size, 0, with_total=with_total)
         total = first.total
         if on_page is not None:
             on_page(first.mutations, True)
@@ -627,13 +809,9 @@ class EntitySearcher:
             while True:
                 yield from page.mutations
                 offset += len(page.mutations)
-                if len(page.mutations) < asked or offset >= total:
-                    return
-                if cap is not None and offset >= cap:
+                if len(page.mutations) < asked or 0 <= total <= offset:
                     return
                 asked = min(self._page_size, asked * PAGE_GROWTH)
-                if cap is not None:
-                    asked = min(asked, cap - offset)
                 page = source.search(query, asked, offset, with_total=False)
                 if on_page is not None:
                     on_page(page.mutations, False)
@@ -652,11 +830,38 @@ class EntitySearcher:
         now_ns: int,
         wanted: int,
         on_page: Callable[[list[MutationMetadata], bool], None] | None = None,
-    ) -> tuple[int, Iterator[_Match]]:
-        total, mutations = self._pages(source, query, wanted, on_page)
-        if not is_score:
-            return total, (self._uint_match(m, source_kind) for m in mutations)
-        return total, self._score_matches(mutations, source_kind, ascending, recency, index_boost, now_ns)
+        *,
+        pre_bound: Callable[[_OV], bool] | None = None,
+        with_total: bool = True,
+    ) -> tuple[int, Iterator[_Match | _Stop]]:
+        total, mutations = self._pages(source, query, wanted, on_page, with_total)
+        matches: Iterator[_Match]
+        if is_score:
+            matches = self._score_matches(mutations, source_kind, ascending, recency, index_boost, now_ns)
+        else:
+            matches = (self._uint_match(m, source_kind) for m in mutations)
+        return total, self._capped(matches, ascending, pre_bound)
+
+    def _capped(
+        self, matches: Iterator[_Match], ascending: bool, pre_bound: Callable[[_OV], bool] | None
+    ) -> Iterator[_Match | _Stop]:
+        """`matches` (final: in ranking order) up to the iteration cap, `max_pages × page_size` matches past
+        the page's start bound (those ranked before it are read without counting: a deep page still reads
+        them, but the cap cannot hide what lies past them); a `_Stop` at the last match yielded ends a
+        stream cut while matches are left. Every match counted is past the bound, so the stop is too: a
+        next page bounded by it starts further."""
+        cap = None if self._max_pages is None else self._max_pages * self._page_size
+        counted = 0
+        last: _Match | None = None
+        for match in matches:
+            if cap is not None and counted >= cap and last is not None:
+                op_id = last.mutation.sort_value.operation_id
+                yield _Stop(self._rank_key(last.value, op_id, ascending), (last.kind, last.value, op_id))
+                return
+            if pre_bound is None or not pre_bound((match.kind, match.value, match.mutation.sort_value.operation_id)):
+                counted += 1
+            last = match
+            yield match
 
     def _score_matches(
         self,
@@ -673,7 +878,9 @@ class EntitySearcher:
         done lazily: the source yields raw scores in decreasing order, and a boosted value is at most
         ``raw × 1.0 × index_boost`` (recency <= 1; float rounding is monotonic), so a read match is final
         once its boosted value is above that bound for the last raw score read: the stream is consumed
-        only as far as the page needs, and yields exactly what sorting the whole stream would."""
+        only as far as the page needs, and yields exactly what sorting the whole stream would. Ascending,
+        without boosts (``recency`` false), the stream is read lazily too; with them, it is read whole (a
+        recency boost has no lower bound)."""
 
         def boosted(m: MutationMetadata) -> _Match:
             score = float(m.sort_value.value)
@@ -687,10 +894,22 @@ class EntitySearcher:
         def rank(match: _Match) -> tuple[float | int, int]:
             return self._rank_key(match.value, match.mutation.sort_value.operation_id, ascending)
 
-        if ascending:  # worst first: no bound on what is left, the whole stream is needed
+        if ascending and recency:  # worst first: no bound on what is left, the whole stream is needed
             matches = [boosted(m) for m in mutations]
             matches.sort(key=rank)
             yield from matches
+            return
+        if ascending:  # no boost: the raw order, but for runs of equal values once rounded to 32 bits
+            run: list[_Match] = []
+            for m in mutations:
+                match = boosted(m)
+                if run and match.value != run[-1].value:
+                    run.sort(key=rank)
+                    yield from run
+                    run = []
+                run.append(match)
+            run.sort(key=rank)
+            yield from run
             return
         heap: list[tuple[tuple[float | int, int], int, _Match]] = []
         seq = itertools.count()
@@ -736,8 +955,13 @@ class EntitySearcher:
         return _Match(mutation, source_kind, "uint64", value)
 
     def _aggregate(
-        self, entity_id: str, cache: dict[str, EntityAggregator | None], prefetch: _Prefetch | None = None
+        self,
+        entity_id: str,
+        cache: dict[str, EntityAggregator | None],
+        prefetch: _Prefetch | None = None,
+        origins: dict[str, tuple[list[MutationMetadata], list[MutationMetadata]]] | None = None,
     ) -> EntityAggregator | None:
+        """The entity's aggregation (cached in `cache`); `origins` receives its (pending, chain) mutations."""
         if entity_id in cache:
             return cache[entity_id]
         pending, chain = prefetch.take(entity_id) if prefetch is not None else (None, None)
@@ -745,12 +969,87 @@ class EntitySearcher:
             pending = self._pending.fetch_entity_mutations(entity_id)
         if chain is None:
             chain = self._chain.fetch_entity_mutations(entity_id)
+        if origins is not None:
+            origins[entity_id] = (pending, chain)
         mutations = pending + chain
         agg = EntityAggregator.from_mutations(mutations) if mutations else None
         if agg is None:
             log.warning("entity %s matched a query but has no indexed mutation", entity_id)
         cache[entity_id] = agg
         return agg
+
+    def _ranked_before_bound(
+        self,
+        index_query: query_pb2.EntityQuery,
+        match: _Match,
+        agg: EntityAggregator,
+        origins: tuple[list[MutationMetadata], list[MutationMetadata]] | None,
+        include_deleted: bool,
+        pre_bound: Callable[[_OV], bool] | None,
+        sort_value_of: Callable[[MutationMetadata], int] | None,
+    ) -> bool:
+        """Whether the entity of `match` (its first match past the page's start bound, in a stream starting
+        at that bound) has a match ranked at or before the bound: it then ranks there (by its best
+        match, active unless `include_deleted`) and belongs to an earlier page.
+
+        Only the entity's other mutations can be such matches (active ones unless `include_deleted`);
+        when the ordering's sort value is in their metadata (`sort_value_of`), only those ranked at or
+        before the bound: usually none, and nothing is searched. Otherwise each index holding some is asked
+        which of them match the query: the query AND those operations (one search), or for a query string
+        (no boolean sub-query can hold one) the query bounded to each one's own rank (one search each)."""
+        if pre_bound is None or origins is None:
+            return False
+        own = match.mutation.operation_id
+        active = agg.active_operations
+        for source, mutations in ((self._chain, origins[1]), (self._pending, origins[0])):
+            ranks: dict[int, int | None] = {}
+            for mutation in mutations:
+                op_id = mutation.operation_id
+                if op_id == own or op_id in ranks or not (include_deleted or op_id in active):
+                    continue
+                if sort_value_of is None:
+                    ranks[op_id] = None
+                else:
+                    value = sort_value_of(mutation)
+                    if pre_bound(("uint64", value, op_id)):
+                        ranks[op_id] = value
+            if not ranks:
+                continue
+            found: list[MutationMetadata] = []
+            kind = index_query.WhichOneof("predicate")
+            if kind != "query_string":
+                sub = query_pb2.BooleanPredicate.SubQuery
+                probe = query_pb2.EntityQuery(
+                    boolean=query_pb2.BooleanPredicate(
+                        queries=[
+                            sub(occur=query_pb2.BooleanPredicate.MUST, **{kind: getattr(index_query, kind)}),
+                            sub(
+                                occur=query_pb2.BooleanPredicate.MUST,
+                                operations=query_pb2.OperationsPredicate(operation_ids=list(ranks)),
+                            ),
+                        ]
+                    ),
+                    ordering=index_query.ordering,
+                )
+                found = source.search(probe, 2 * len(ranks), 0, with_total=False).mutations
+            else:
+                for op_id, value in ranks.items():
+                    assert value is not None  # query strings are pushed down only with known sort values
+                    probe = query_pb2.EntityQuery()
+                    probe.CopyFrom(index_query)
+                    probe.ClearField("paging")
+                    below, above = _just_around(value, op_id)
+                    if below is not None:
+                        probe.paging.after_ordering_value.CopyFrom(_ov_to_proto(below))
+                    if above is not None:
+                        probe.paging.before_ordering_value.CopyFrom(_ov_to_proto(above))
+                    found.extend(source.search(probe, 2, 0, with_total=False).mutations)
+            for mutation in found:
+                if mutation.operation_id in ranks:
+                    found_match = self._uint_match(mutation, query_pb2.CHAIN)
+                    if pre_bound((found_match.kind, found_match.value, mutation.sort_value.operation_id)):
+                        return True
+        return False
 
     def _fill_result(self, result: query_pb2.EntityResult, candidate: _Candidate, query: query_pb2.EntityQuery) -> None:
         """Builds the result in place (each message assignment or append would copy the traits again)."""
@@ -831,6 +1130,21 @@ class EntitySearcher:
             else:
                 _set_ts(getattr(trait, name), date)
         trait.last_operation_id = trait_agg.last_operation_id or 0
+
+
+def _just_around(value: int, operation_id: int) -> tuple[_OV | None, _OV | None]:
+    """Page bounds holding (value, operation id) only (None: no bound needed on that side)."""
+    below: _OV | None = None
+    if operation_id > 0:
+        below = ("uint64", value, operation_id - 1)
+    elif value > 0:
+        below = ("uint64", value - 1, _U64_MAX)
+    above: _OV | None = None
+    if operation_id < _U64_MAX:
+        above = ("uint64", value, operation_id + 1)
+    elif value < _U64_MAX:
+        above = ("uint64", value + 1, 0)
+    return below, above
 
 
 def _set_ts(target: Any, ns: int) -> None:

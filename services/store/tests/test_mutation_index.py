@@ -827,3 +827,149 @@ def test_fetch_entity_mutations_of_an_entity_with_many_documents():
     index = new_index()
     index.apply([put(op, "busy", tm(), trait_id=f"t{op}") for op in range(1, 201)])
     assert [m.operation_id for m in index.fetch_entity_mutations("busy")] == list(range(1, 201))
+
+
+# --- page bounds pushed down by the searcher (SPEC 11 item 7) -------------------------------------------------
+
+
+def _sorted_docs(index: MutationIndex) -> MutationIndex:
+    ops_ = []
+    for op in range(1, 61):
+        msg = tm(
+            string1=f"word {'rare' if op % 3 == 0 else ''}", date3=ts((op % 7) * DAY), uint3=op % 5, int3=op % 9 - 4
+        )
+        if op % 11 == 0:
+            msg = tm(string1="word")  # no sorted field values (0)
+        ops_.append(put(op, f"e{op % 20}", msg, trait_id=f"t{op % 3}", created=(op % 4) * DAY if op % 6 else None))
+    index.apply(ops_)
+    return index
+
+
+def _ordering_value(m, signed: bool) -> Q.OrderingValue:
+    value = m.sort_value.value + (1 << 63 if signed else 0)
+    return Q.OrderingValue(uint64=value, operation_id=m.operation_id)
+
+
+@pytest.mark.parametrize("ascending", [False, True])
+@pytest.mark.parametrize(
+    "ordering",
+    [
+        dict(operation_id=True),
+        dict(created_at=True),
+        dict(updated_at=True),
+        dict(field="date3"),
+        dict(field="uint3"),
+        dict(field="int3"),
+    ],
+)
+def test_page_bounds_restrict_a_fast_field_search_exactly(ordering, ascending):
+    index = _sorted_docs(new_index())
+    predicate = dict(trait=trait_query()) if "field" in ordering else dict(all=Q.AllPredicate())
+    order = Q.Ordering(ascending=ascending, **ordering)
+    signed = ordering.get("field") == "int3"
+    whole = search(index, count=1000, ordering=order, **predicate).mutations
+    assert len(whole) == 60
+    for i in (0, 7, 8, 30, 59):  # bounds inside runs of equal values (ties by operation id) and at the ends
+        for j in (i + 1, i + 13, 60):
+            query = Q.EntityQuery(ordering=order, **predicate)
+            start, end = (query.paging.after_ordering_value, query.paging.before_ordering_value)
+            if not ascending:
+                start, end = end, start
+            start.CopyFrom(_ordering_value(whole[i], signed))
+            if j < 60:
+                end.CopyFrom(_ordering_value(whole[j], signed))
+            got = index.search(query, 100, 0)
+            assert ops(got) == [m.operation_id for m in whole[i + 1 : j]], (i, j)
+            assert ops(index.search(query, 3, 2, with_total=False)) == [
+                m.operation_id for m in whole[i + 3 : min(j, i + 6)]
+            ]
+    # pages with bounds are kept apart from unbounded ones
+    assert ops(search(index, count=5, ordering=order, **predicate)) == [m.operation_id for m in whole[:5]]
+
+
+class _Traits:
+    """Payloads of the operations put in the test indices (the searcher's `TraitFetcher`)."""
+
+    def __init__(self) -> None:
+        self.by_op: dict[int, tuple[str, entity_pb2.Trait]] = {}
+
+    def put(self, *args, **kwargs) -> PutTraitOperation:
+        operation = put(*args, **kwargs)
+        self.by_op[operation.operation_id] = (operation.entity_id, operation.trait)
+        return operation
+
+    def fetch(self, operation_id: int, block_offset: int | None):
+        return self.by_op.get(operation_id)
+
+
+def test_searcher_pages_through_real_indices_past_the_iteration_cap():
+    """Through tantivy: with a cap of 4 mutations per index and pages of 5, following next_page gives every
+    entity once, in the order of one uncapped page, for score, operation id, date and field orderings."""
+    from exostore.searcher import EntitySearcher
+
+    chain, pending, traits = new_index(), new_index(), _Traits()
+    chain_ops, pending_ops = [], []
+    for t in range(3):
+        for i in range(30):
+            op = 1000 * t + 7 * ((i * 13) % 30) + 1
+            msg = tm(
+                string1="word " + "word " * ((i + t) % 4) + f"filler{i % 3}",
+                date3=ts(((i + t) % 6) * DAY),
+                uint3=(i * 7 + t) % 9,
+                int3=(i * 5 + t) % 7 - 3,
+            )
+            operation = traits.put(op, f"e{i:02}", msg, trait_id=f"t{t}", created=((i + t) % 5) * DAY)
+            if (i + t) % 5 == 0:
+                pending_ops.append(operation)
+            else:
+                chain_ops.append(dataclasses.replace(operation, block_offset=op))
+    chain_ops.append(EntityTombstoneOperation(5000, 5000, "e01"))
+    chain.apply(chain_ops)
+    pending.apply(pending_ops)
+
+    def searcher(**kwargs) -> EntitySearcher:
+        return EntitySearcher(
+            chain, pending, traits.fetch, ordering_resolver=lambda q: chain.compile(q).ordering, **kwargs
+        )
+
+    queries = [
+        Q.EntityQuery(match=Q.MatchPredicate(query="word")),
+        Q.EntityQuery(match=Q.MatchPredicate(query="word"), ordering=Q.Ordering(score=True, no_recency_boost=True)),
+        Q.EntityQuery(all=Q.AllPredicate()),
+        Q.EntityQuery(all=Q.AllPredicate(), ordering=Q.Ordering(operation_id=True, ascending=True)),
+        Q.EntityQuery(all=Q.AllPredicate(), ordering=Q.Ordering(created_at=True, ascending=True)),
+        Q.EntityQuery(trait=trait_query(), ordering=Q.Ordering(field="date3")),
+        Q.EntityQuery(trait=trait_query(), ordering=Q.Ordering(field="int3", ascending=True)),
+        Q.EntityQuery(query_string=Q.QueryStringPredicate(query="word sort:created")),
+        Q.EntityQuery(query_string=Q.QueryStringPredicate(query="type:test word -sort:uint3")),
+    ]
+    capped = searcher(page_size=2, max_pages=2)
+    for query in queries:
+        whole = Q.EntityQuery()
+        whole.CopyFrom(query)
+        whole.paging.count = 1000
+        reference = searcher(max_pages=None).search(whole)
+        expected = [r.entity.id for r in reference.entities]
+        assert len(expected) == 29 and reference.estimated_count == 29, query  # e01 deleted
+        query.paging.count = 5
+        seen: list[str] = []
+        for _ in range(100):
+            res = capped.search(query)
+            seen += [r.entity.id for r in res.entities]
+            if not res.HasField("next_page"):
+                break
+            query.paging.CopyFrom(res.next_page)
+        assert seen == expected, query
+
+
+def test_ascending_score_pages_are_sorted_once():
+    index = new_index()
+    index.apply([put(op, f"e{op}", tm(string1="same " + "other " * (op % 5))) for op in range(1, 101)])
+    match = Q.MatchPredicate(query="same")
+    order = Q.Ordering(score=True, ascending=True)
+    whole = search(index, count=1000, ordering=order, match=match).mutations
+    keys = [(m.sort_value.value, m.operation_id) for m in whole]
+    assert len(whole) == 100 and keys == sorted(keys)
+    pages = [ops(search(index, count=7, offset=offset, ordering=order, match=match)) for offset in range(0, 100, 7)]
+    assert sum(pages, []) == [m.operation_id for m in whole]
+    assert index._score_rows  # the sorted rows were kept for the next pages

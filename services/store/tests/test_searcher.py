@@ -56,16 +56,23 @@ class Doc:
 
 
 class FakeIndex:
-    """A list of documents with simple predicate matching; `search` obeys MutationSource's contract."""
+    """A list of documents with simple predicate matching; `search` obeys MutationSource's contract, page
+    bounds included (unless `honours_bounds` is false: then it reads from the top, as the contract allows)."""
 
-    def __init__(self, pending: bool) -> None:
+    def __init__(self, pending: bool, honours_bounds: bool = True) -> None:
         self.pending = pending
+        self.honours_bounds = honours_bounds
         self.docs: list[Doc] = []
         self.search_calls = 0
+        self.bounded_calls = 0
 
-    def _matches(self, query: query_pb2.EntityQuery, doc: Doc) -> bool:
+    def _matches(self, query, doc: Doc) -> bool:
         kind = query.WhichOneof("predicate")
         m = doc.meta
+        if kind == "boolean":
+            occurs = [(sub.occur, self._matches(sub, doc)) for sub in query.boolean.queries]
+            must = query_pb2.BooleanPredicate.MUST
+            return all(ok for occur, ok in occurs if occur == must) and any(ok for _, ok in occurs)
         if kind == "all":
             return True
         if kind == "ids":
@@ -96,10 +103,17 @@ class FakeIndex:
         self, query: query_pb2.EntityQuery, count: int, offset: int, *, with_total: bool = True
     ) -> MutationResults:
         self.search_calls += 1
-        assert not query.HasField("paging")
         ordering = query.ordering
         matched = [d for d in self.docs if self._matches(query, d)]
         values = [(self._sort_value(ordering, d), d) for d in matched]
+        if query.HasField("paging"):
+            paging = query.paging
+            assert paging.count == 0 and paging.offset == 0, "count and offset are the arguments"
+            assert ordering.WhichOneof("value") != "score", "score pages cannot start at their bound"
+            self.bounded_calls += 1
+            if self.honours_bounds:
+                values = [(sv, d) for sv, d in values if is_within_page_bound(uint(sv.value, sv.operation_id), paging)]
+                matched = [d for _, d in values]
         values.sort(key=lambda v: (v[0].value, v[0].operation_id), reverse=not ordering.ascending)
         page = values[offset : offset + count]
         mutations = [
@@ -338,7 +352,7 @@ def test_basic_search_results_fields():
     assert msg.string1 == f"e1/t1@{op(2)}"
     assert e1.hash == crc64_of_u64s([op(1), op(2)])
     assert res.hash == crc64_of_u64s([e2.hash, e1.hash])
-    assert res.estimated_count == 3
+    assert res.estimated_count == 2  # entities, not mutations (3)
     assert res.current_page.count == 10
     assert not res.HasField("next_page")  # partial page
     assert not res.skipped_hash
@@ -376,16 +390,21 @@ def test_paging_35_entities_in_4_pages(ascending):
     searcher = s.searcher()
     query = all_query(count=10, ascending=ascending)
     pages = []
+    counts = []
     while True:
         res = searcher.search(query)
         pages.append(ids(res))
         assert res.current_page.count == 10
-        assert res.estimated_count == 70
+        counts.append(res.estimated_count)
         if not res.HasField("next_page"):
             break
         query.paging.CopyFrom(res.next_page)
         assert len(pages) < 10
     assert [len(p) for p in pages] == [10, 10, 10, 5]
+    # entities, not mutations: estimated from the mutations each page examined (each entity's two
+    # mutations are far apart in this ordering: the first page sees one per entity)
+    assert all(35 <= count <= 70 for count in counts), counts
+    assert counts[-1] < 70
     seen = [e for p in pages for e in p]
     assert sorted(seen) == [f"e{i:02}" for i in range(35)]  # all, exactly once
     # order: by the entity's best mutation (t2 ops when descending, t1 ops when ascending)
@@ -662,7 +681,7 @@ def test_operation_in_both_indices_counts_once_and_comes_from_chain():
     assert ids(res) == ["e1"]
     assert res.entities[0].source == query_pb2.CHAIN
     assert res.entities[0].hash == crc64_of_u64s([op(1)])
-    assert res.estimated_count == 2
+    assert res.estimated_count == 1
 
 
 # --- lazy reading of the indices ------------------------------------------------------------------------------
@@ -794,3 +813,212 @@ def test_batched_entity_fetches_give_the_same_results():
     # from the chain index those of its own page when the pending index did not fill its first page
     assert batching.pending.single_fetches < batching.chain.single_fetches
     assert batching.chain.batch_fetches < batching.pending.batch_fetches
+
+
+# --- paging with the iteration cap (SPEC 11 item 7) ---------------------------------------------------------
+
+
+def _bound(paging: query_pb2.Paging, ascending: bool) -> query_pb2.OrderingValue:
+    return paging.after_ordering_value if ascending else paging.before_ordering_value
+
+
+def page_through(searcher: EntitySearcher, query: query_pb2.EntityQuery, max_pages: int = 200):
+    """Every page of `query` by following next_page: (pages of entity ids, estimated counts). Checks that
+    each page's bound strictly advances."""
+    query = query_pb2.EntityQuery.FromString(query.SerializeToString())
+    ascending = effective_ordering(query).ascending
+    pages: list[list[str]] = []
+    counts: list[int] = []
+    previous = None
+    while True:
+        res = searcher.search(query)
+        pages.append(ids(res))
+        counts.append(res.estimated_count)
+        if not res.HasField("next_page"):
+            return pages, counts
+        bound = _bound(res.next_page, ascending)
+        if previous is not None:
+            assert compare_ordering_values(bound, previous) == (1 if ascending else -1), "the bound must advance"
+        previous = bound
+        query.paging.CopyFrom(res.next_page)
+        assert len(pages) < max_pages, "paging does not end"
+
+
+def _many_entities(traits: int, honours_bounds: bool = True, entities: int = 30) -> Store:
+    """`entities` entities of `traits` traits, the puts of an entity spread over the whole operation order (the
+    best and worst ranked mutations of an entity fall on different pages), some in the pending index, some
+    overridden (stale matches), a deleted trait and a deleted entity; scores and dates with ties."""
+    s = Store(
+        chain=FakeIndex(pending=False, honours_bounds=honours_bounds),
+        pending=FakeIndex(pending=True, honours_bounds=honours_bounds),
+    )
+    n = 0
+    for t in range(traits):
+        for i in range(entities):
+            n += 1
+            s.put(
+                f"e{i:02}",
+                f"t{t}",
+                op(1000 * t + 7 * ((i * 13) % entities)),
+                pending=(i + t) % 5 == 0,
+                text="word",
+                score=float(1 + (i * 7 + t * 11) % 9),
+                created=NOW - ((i + t) % 6) * DAY,
+                modified=NOW - ((i * 3 + t) % 40) * DAY,
+                has_reference=(i + t) % 4 != 0,
+            )
+    s.put("e03", "t0", op(5000), text="other", score=1.0)  # overrides e03's first trait: a stale match
+    s.delete_trait("e04", "t0", op(5001))
+    s.delete_entity("e05", op(5002), pending=True)
+    return s
+
+
+ORDERINGS = {
+    "operation_id desc": dict(all=query_pb2.AllPredicate()),
+    "operation_id asc": dict(
+        all=query_pb2.AllPredicate(), ordering=query_pb2.Ordering(operation_id=True, ascending=True)
+    ),
+    "created_at desc": dict(all=query_pb2.AllPredicate(), ordering=query_pb2.Ordering(created_at=True)),
+    "updated_at asc": dict(
+        trait=query_pb2.TraitPredicate(trait_name=TYPE1), ordering=query_pb2.Ordering(updated_at=True, ascending=True)
+    ),
+    "score": dict(match=query_pb2.MatchPredicate(query="word"), ordering=query_pb2.Ordering(score=True)),
+    "score without recency": dict(
+        match=query_pb2.MatchPredicate(query="word"), ordering=query_pb2.Ordering(score=True, no_recency_boost=True)
+    ),
+    "score asc": dict(
+        match=query_pb2.MatchPredicate(query="word"),
+        ordering=query_pb2.Ordering(score=True, ascending=True, no_recency_boost=True),
+    ),
+    "score asc with recency": dict(
+        match=query_pb2.MatchPredicate(query="word"), ordering=query_pb2.Ordering(score=True, ascending=True)
+    ),
+}
+
+
+@pytest.mark.parametrize("honours_bounds", [True, False], ids=["pushed", "from the top"])
+@pytest.mark.parametrize("traits", [1, 3])
+@pytest.mark.parametrize("ordering", list(ORDERINGS))
+def test_capped_paging_reaches_every_entity_exactly_once(ordering, traits, honours_bounds):
+    """With a cap of 4 mutations per index and pages of 5, following next_page gives every entity once, in
+    the order of one uncapped page (the original lost everything past the cap and stopped on short pages)."""
+    s = _many_entities(traits, honours_bounds)
+    query = query_pb2.EntityQuery(**ORDERINGS[ordering])
+    whole = query_pb2.EntityQuery.FromString(query.SerializeToString())
+    whole.paging.count = 1000
+    reference = s.searcher(max_pages=None).search(whole)
+    expected = ids(reference)
+    assert len(expected) >= 27 and not reference.HasField("next_page")
+    assert reference.estimated_count == len(expected)  # read to the end: exact
+    for include_deleted in (False, True):
+        query.include_deleted = whole.include_deleted = include_deleted
+        expected = ids(s.searcher(max_pages=None).search(whole))
+        query.paging.count = 5
+        pages, counts = page_through(s.searcher(page_size=2, max_pages=2), query)
+        assert [e for page in pages for e in page] == expected
+        assert all(counts)
+
+
+@pytest.mark.parametrize("ordering", ["operation_id desc", "score"])
+def test_a_page_cut_short_by_the_cap_has_a_next_page(ordering):
+    s = Store()
+    for i in range(10):
+        for t in range(3):  # each entity's mutations together: the cap (4) reads at most 2 entities per index
+            s.put(f"e{i}", f"t{t}", op(10 * i + t), text="word", score=float(i + 1), has_reference=True)
+    query = query_pb2.EntityQuery(**ORDERINGS[ordering])
+    query.paging.count = 5
+    searcher = s.searcher(page_size=2, max_pages=2)
+    first = searcher.search(query)
+    assert 0 < len(first.entities) < 5
+    assert first.HasField("next_page")
+    pages, _ = page_through(searcher, query)
+    assert [e for page in pages for e in page] == [f"e{i}" for i in range(9, -1, -1)]
+
+
+def test_deep_pages_start_at_their_bound():
+    """Past the cap: pages of a non-score ordering read the indices from their bound, not from the top."""
+    s = Store()
+    for i in range(300):
+        s.put(f"e{i:03}", "t1", op(i), pending=i % 2 == 0)
+    searcher = s.searcher(page_size=10, max_pages=1)
+    query = all_query(count=20)
+    pages, counts = page_through(searcher, query)
+    assert [e for page in pages for e in page] == [f"e{i:03}" for i in range(299, -1, -1)]
+    assert all(len(page) <= 20 for page in pages)
+    assert counts[0] == 300 and counts[-1] == 300  # one mutation per entity: exact estimates
+    assert s.chain.bounded_calls > 0 and s.pending.bounded_calls > 0
+    # a deep page asks each index for its bounded matches (one page) and their count, nothing more
+    query.paging.before_ordering_value.CopyFrom(uint(op(100), op(100)))
+    s.chain.search_calls = s.pending.search_calls = 0
+    res = searcher.search(query)
+    assert ids(res)[:2] == ["e099", "e098"]
+    assert s.chain.search_calls <= 3 and s.pending.search_calls <= 3
+
+
+def test_pushed_bound_keeps_each_entity_on_the_page_of_its_best_match():
+    s = Store()
+    s.put("A", "t1", op(1), message=test_pb2.TestMessage2(string1="a"))  # A's only TYPE2 put
+    s.put("B", "t1", op(2))
+    s.put("C", "t1", op(3))
+    s.put("A", "t2", op(4))  # A's best mutation of the `all` query, not of the TYPE2 query
+    s.put("D", "t1", op(5))
+    s.put("D", "t1", op(6))  # overrides op 5
+    s.put("E", "t1", op(7))
+    s.put("E", "t2", op(8))
+    s.delete_trait("E", "t2", op(9))  # active: E's best match with include_deleted, and of `all`
+    searcher = s.searcher()
+
+    def pages_of(query):
+        return page_through(searcher, query)[0]
+
+    assert pages_of(all_query(count=2)) == [["E", "D"], ["A", "C"], ["B"]]
+    assert pages_of(all_query(count=1, ascending=True)) == [["A"], ["B"], ["C"], ["D"], ["E"], []]
+    type2 = query_pb2.EntityQuery(trait=query_pb2.TraitPredicate(trait_name=TYPE2), paging=query_pb2.Paging(count=1))
+    assert pages_of(type2) == [["A"], []]
+    s.delete_entity("C", op(10))
+    assert pages_of(all_query(count=1, include_deleted=True)) == [["C"], ["E"], ["D"], ["A"], ["B"], []]
+    assert pages_of(all_query(count=1, ascending=True)) == [["A"], ["B"], ["D"], ["E"], []]
+
+
+def test_top_negatively_rescored_flushes_only_up_to_where_the_stream_was_cut():
+    penalized = {18: 11, 12: 4}
+    keys = lambda s: (-s, -penalized.get(s, s))  # noqa: E731
+    assert top_negatively_rescored([20, 18, 15, 12], 7, keys) == [20, 15, 18, 12]
+    assert top_negatively_rescored([20, 18, 15, 12], 7, keys, lambda: -12) == [20, 15]
+    assert top_negatively_rescored([20, 18, 15, 12], 7, keys, lambda: None) == [20, 15, 18, 12]
+
+
+# --- estimated_count (SPEC 11 item 7) ----------------------------------------------------------------------
+
+
+def test_estimated_count_is_exact_when_every_match_was_examined():
+    s = Store()
+    for i in range(6):
+        for t in range(3):
+            s.put(f"e{i}", f"t{t}", op(10 * i + t), pending=i == 1)
+    s.delete_entity("e2", op(100))
+    s.delete_trait("e3", "t0", op(101))
+    searcher = s.searcher()
+    res = searcher.search(all_query(count=100))
+    assert len(res.entities) == 5 and res.estimated_count == 5  # 20 mutations; e2 deleted
+    res = searcher.search(all_query(count=100, include_deleted=True))
+    assert len(res.entities) == 6 and res.estimated_count == 6
+
+
+def test_estimated_count_extrapolates_entities_per_mutation():
+    s = Store()
+    for i in range(30):
+        for t in range(3):  # an entity's 3 mutations follow each other in the ordering
+            s.put(f"e{i:02}", f"t{t}", op(10 * i + t))
+    searcher = s.searcher()
+    res = searcher.search(all_query(count=2))
+    # 7 mutations examined (e29's three, e28's three, e27's first, which ends the page): 3 entities
+    assert ids(res) == ["e29", "e28"]
+    assert res.estimated_count == round(90 * 3 / 7)
+    # never fewer than the entities seen
+    s2 = Store()
+    for i in range(3):
+        s2.put(f"e{i}", "t1", op(i))
+    s2.chain.docs.append(Doc(s2.chain.docs[0].meta))  # an index counting fewer documents than it yields
+    res = s2.searcher().search(all_query(count=2))
+    assert res.estimated_count >= 2
