@@ -58,6 +58,7 @@ operation), which the watched queries use to re-run only the watches a change ca
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -65,7 +66,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf import any_pb2
@@ -88,6 +89,8 @@ from exostore.types import DeleteOperationsOperation, IndexOperation, MutationMe
 log = logging.getLogger(__name__)
 
 INDEX_ID_FILE = "chain.id"
+# The trait mappings (per type fingerprints) the chain index was built with; see `_open_chain_index`.
+MAPPINGS_FILE = "chain.mappings.json"
 CHAIN_INDEX_DIR = "chain"
 
 
@@ -311,8 +314,13 @@ class EntityIndex:
         )
 
     def _open_chain_index(self) -> None:
+        """Opens the chain index, or starts it over (a full re-index from the chain) when it does not
+        match the stored progress, or when a trait type it holds documents of is now mapped otherwise
+        (`IndexSchema.type_fingerprints`)."""
         marker = self.store_dir / INDEX_ID_FILE
         on_disk = marker.read_text().strip() if marker.is_file() else ""
+        current = self.schema.type_fingerprints()
+        recorded = self._recorded_mappings()
         if not self.progress.index_id or on_disk != self.progress.index_id or not self._chain_path.is_dir():
             if self._chain_path.exists() or self.progress.chain_indexed is not None:
                 log.warning(
@@ -320,6 +328,29 @@ class EntityIndex:
                     self._chain_path,
                 )
             self._wipe_chain_index_files()
+            recorded = {}
+        elif recorded is None:
+            if self.progress.chain_indexed is not None:
+                log.warning(
+                    "the chain index at %s does not record the trait mappings it was built with; rebuilding it "
+                    "from the chain",
+                    self._chain_path,
+                )
+                self._wipe_chain_index_files()
+            recorded = {}
+        else:
+            changed = sorted(name for name in recorded.keys() & current.keys() if recorded[name] != current[name])
+            if changed:
+                log.warning(
+                    "the indexed fields of %s changed since the chain index at %s was built; rebuilding it from "
+                    "the chain",
+                    ", ".join(changed),
+                    self._chain_path,
+                )
+                self._wipe_chain_index_files()
+                recorded = {}
+        # Types no longer registered keep their entry: if one comes back changed, its documents are stale.
+        self._record_mappings({**recorded, **current})
         self.chain = self._new_chain_index()
 
     def _new_chain_index(self) -> MutationIndex:
@@ -347,6 +378,25 @@ class EntityIndex:
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(marker)
+
+    def _recorded_mappings(self) -> dict[str, str] | None:
+        """The type fingerprints the chain index was built with (None: not recorded)."""
+        path = self.store_dir / MAPPINGS_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else None
+
+    def _record_mappings(self, fingerprints: dict[str, str]) -> None:
+        path = self.store_dir / MAPPINGS_FILE
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            json.dump(fingerprints, handle, sort_keys=True, indent=0)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
 
     def _highest_chain_offset_beyond_progress(self) -> int | None:
         highest = self.chain.highest_indexed_block()
@@ -570,9 +620,7 @@ class EntityIndex:
         added -= skipped
         target_ops.update(added)
         update.indexed.extend(added)
-        self.progress = Progress(
-            self.progress.index_id, self.progress.chain_indexed, self.last_block, last_pending
-        )
+        self.progress = replace(self.progress, last_block=self.last_block, last_pending_operation_id=last_pending)
         return update
 
     def _accept_block(self, ref: BlockRef) -> bool:
@@ -656,9 +704,7 @@ class EntityIndex:
                 ops_set.difference_update(leaving)
         for block in blocks:
             del self._retained[block.ref.offset]
-        self.progress = Progress(
-            self.progress.index_id, blocks[-1].ref, self.last_block, self.progress.last_pending_operation_id
-        )
+        self.progress = replace(self.progress, chain_indexed=blocks[-1].ref, last_block=self.last_block)
         self.payloads.save_progress(self.progress, sync=True)
         if self._dedup_upto is not None and blocks[-1].ref.offset >= self._dedup_upto:
             self._dedup_upto = None

@@ -34,6 +34,7 @@ Tokenization:
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import threading
 from collections.abc import Iterable, Iterator
@@ -536,6 +537,24 @@ class IndexSchema:
         self._lock = threading.Lock()
         self.query_compiler: object | None = None  # the shared `query.QueryCompiler`, set by `compiler_for`
         self.vocabulary = Vocabulary()  # words of `all_text` in every index of this schema
+
+    def type_fingerprints(self) -> dict[str, str]:
+        """Per registered type with indexed fields: a digest of its mapping (field path -> pool field,
+        value kind, sorted). Documents on disk are only readable with the mapping they were indexed
+        with: a type whose indexed fields changed (a new version of an app's schema or of a `schemas:`
+        file) moves its fields to other pool slots, and field queries on its old documents would
+        silently match the wrong values. The chain index records these and is rebuilt when a type's
+        changes (mappings are per type: a new type changes no other)."""
+        fingerprints: dict[str, str] = {}
+        for name in sorted(self.registry.message_names()):
+            mapping = self.mapping(name)
+            if mapping is None or not mapping.fields:
+                continue
+            lines = "".join(
+                f"{m.path}={m.name}/{m.value_kind.value}/{int(m.sorted)}\n" for m in mapping.fields.values()
+            )
+            fingerprints[name] = hashlib.sha256(lines.encode()).hexdigest()[:16]
+        return fingerprints
 
     def register_analyzers(self, index: tantivy.Index) -> None:
         """Register the custom analyzers the schema refers to on an index (needed for each opened index)."""

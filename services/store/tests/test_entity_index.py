@@ -474,3 +474,56 @@ def test_pending_batches_are_asked_for_and_converted(store):
     batch = chain_pb2.PendingOperations(operations=[o.to_proto() for o in ops] + [chain_pb2.SignedOperation()])
     converted = events_from_proto([chain_pb2.ChainEvent(pending_batch=batch)])
     assert converted == [PendingEvent(ChainEntry(op(i), f"sealed {i}".encode())) for i in (1, 2, 3)]
+
+
+def test_type_fingerprints_are_deterministic_and_per_type():
+    from exostore.schema import IndexSchema
+
+    first, again = IndexSchema(TraitRegistry()), IndexSchema(TraitRegistry())
+    prints = first.type_fingerprints()
+    assert prints == again.type_fingerprints()
+    assert "exocore.test.TestMessage" in prints
+    assert len(set(prints.values())) > 1  # a digest of each type's own mapping
+    assert IndexSchema(TraitRegistry(builtins=False)).type_fingerprints() == {}
+
+
+def test_a_chain_index_is_rebuilt_when_a_type_it_holds_is_mapped_otherwise(tmp_path, caplog, monkeypatch):
+    from exostore.schema import IndexSchema
+
+    caplog.set_level(logging.INFO)
+    real = IndexSchema.type_fingerprints
+    s = Store(tmp_path, settings())
+    feed_history(s)
+    assert s.index.chain_indexed is not None
+    s = s.reopen()
+    assert s.index.chain_indexed is not None  # same mappings: resumed
+    s.close()
+
+    # A new type (an app installed): no other type's documents change, the index is kept.
+    monkeypatch.setattr(IndexSchema, "type_fingerprints", lambda self: {**real(self), "app.Note": "n1"})
+    s = Store(tmp_path, settings())
+    assert s.index.chain_indexed is not None
+    s.close()
+
+    # A type's indexed fields changed (a new version of that app's schema): its documents on disk were
+    # indexed with other pool slots.
+    monkeypatch.setattr(IndexSchema, "type_fingerprints", lambda self: {**real(self), "app.Note": "n2"})
+    s = Store(tmp_path, settings())
+    assert "the indexed fields of app.Note changed" in caplog.text
+    assert s.index.chain_indexed is None
+    assert not s.index.start_replay().has_from_block_offset  # everything again, from the genesis
+    s.close()
+
+
+def test_a_chain_index_without_recorded_mappings_is_rebuilt(tmp_path, caplog):
+    from exostore.entity_index import MAPPINGS_FILE
+
+    caplog.set_level(logging.INFO)
+    s = Store(tmp_path, settings())
+    feed_history(s)
+    s.close()
+    (tmp_path / MAPPINGS_FILE).unlink()  # a store from before mappings were recorded
+    s = Store(tmp_path, settings())
+    assert "does not record the trait mappings" in caplog.text
+    assert s.index.chain_indexed is None
+    s.close()
