@@ -14,7 +14,9 @@ Mapping of one trait type (`TraitMapping`), fixing the original's non-determinis
   int32/int64/sint/sfixed/enum -> i64 (`sorted`: i64_fast); uint32/uint64/fixed/bool and
   `google.protobuf.Timestamp` (ns since the epoch) -> u64 (`sorted`: u64_fast); `exocore.store.Reference`
   -> references (also copied to `all_refs`, sets `has_reference`);
-* repeated / map / float / bytes fields and pool exhaustion are skipped with a log line.
+* repeated scalars, Timestamps and References take one slot and get one index value per element (a
+  field predicate matches if any element does; a repeated field is never sorted);
+* map / repeated message / float / bytes fields and pool exhaustion are skipped with a log line.
 
 Values: strings are indexed when non-empty; scalars without presence are indexed even when 0 (proto3: unset
 == 0, so `uint1 < 5` matches traits that never set it); fields with presence (oneof, `optional`) and
@@ -131,6 +133,7 @@ class MappedField:
     descriptors: tuple[FieldDescriptor, ...]  # top-level field first, leaf last
     has_presence: bool = False
     signed: bool = False  # `kind.is_signed`, precomputed (read for every indexed value)
+    repeated: bool = False  # one index value per element (never sorted: no single value to sort by)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signed", self.kind.is_signed)
@@ -163,11 +166,36 @@ class TraitMapping:
 
     def values(self, message: Message) -> Iterator[tuple[MappedField, str | int | tuple[str, str]]]:
         """Indexable values of `message` (see the module doc for which values are indexed). References are
-        returned as (entity_id, trait_id); Timestamps as ns since the epoch; bools as 0/1."""
+        returned as (entity_id, trait_id); Timestamps as ns since the epoch; bools as 0/1; a repeated field
+        gives one pair per element."""
         for mapped in self.fields.values():
-            value = _extract(message, mapped)
-            if value is not None:
+            for value in field_values(message, mapped):
                 yield mapped, value
+
+
+def field_values(message: Message, mapped: MappedField) -> list[str | int | tuple[str, str]]:
+    """The indexable values of one mapped field of `message`: none, one, or one per element."""
+    if mapped.repeated:
+        return _extract_repeated(message, mapped)
+    value = _extract(message, mapped)
+    return [] if value is None else [value]
+
+
+def _extract_repeated(message: Message, mapped: MappedField) -> list[str | int | tuple[str, str]]:
+    current = message
+    for parent in mapped.descriptors[:-1]:
+        if not current.HasField(parent.name):
+            return []
+        current = getattr(current, parent.name)
+    elements = getattr(current, mapped.descriptors[-1].name)
+    kind = mapped.value_kind
+    if kind is ValueKind.TIMESTAMP:
+        return [max(0, ts.seconds * 1_000_000_000 + ts.nanos) for ts in elements]
+    if kind is ValueKind.REFERENCE:
+        return [(ref.entity_id, ref.trait_id) for ref in elements if ref.entity_id]
+    if kind is ValueKind.TEXT or kind is ValueKind.STRING:
+        return [value for value in elements if value]
+    return [int(value) for value in elements]
 
 
 def _extract(message: Message, mapped: MappedField) -> str | int | tuple[str, str] | None:
@@ -230,6 +258,7 @@ def build_mapping(desc: Descriptor, pool_size: int = DEFAULT_POOL_SIZE) -> Trait
     def assign(
         kind: FieldKind, path: str, sorted_: bool, value_kind: ValueKind, chain: tuple[FieldDescriptor, ...]
     ) -> None:
+        repeated = chain[-1].is_repeated
         n = counters[kind]
         if n >= pool_size:
             log.error("%s.%s not indexed: no %s field left (pool size %d)", desc.full_name, path, kind.value, pool_size)
@@ -237,7 +266,9 @@ def build_mapping(desc: Descriptor, pool_size: int = DEFAULT_POOL_SIZE) -> Trait
         counters[kind] = n + 1
         leaf = chain[-1]
         presence = bool(leaf.has_presence) and leaf.type != FieldDescriptor.TYPE_MESSAGE
-        fields[path] = MappedField(path, kind, f"{kind.value}_{n}", sorted_, value_kind, chain, presence)
+        fields[path] = MappedField(
+            path, kind, f"{kind.value}_{n}", sorted_, value_kind, chain, presence and not repeated, repeated=repeated
+        )
 
     def walk(message: Descriptor, prefix: str, chain: tuple[FieldDescriptor, ...], seen: tuple[str, ...]) -> None:
         for fd in sorted(message.fields, key=lambda f: f.number):
@@ -246,10 +277,19 @@ def build_mapping(desc: Descriptor, pool_size: int = DEFAULT_POOL_SIZE) -> Trait
                 continue
             path = prefix + fd.name
             here = (*chain, fd)
-            if fd.is_repeated:
-                log.error("%s.%s not indexed: repeated and map fields are not supported", desc.full_name, path)
-                continue
             ftype = fd.type
+            if fd.is_repeated:
+                sub = fd.message_type if ftype == FieldDescriptor.TYPE_MESSAGE else None
+                leaf_message = sub is not None and sub.full_name in (TIMESTAMP_TYPE, REFERENCE_TYPE)
+                if sub is not None and (sub.GetOptions().map_entry or not leaf_message):
+                    log.error(
+                        "%s.%s not indexed: map fields and repeated messages are not supported", desc.full_name, path
+                    )
+                    continue
+                if sorted_:
+                    log.warning("%s.%s is repeated: indexed, but not sorted (no single value to sort by)",
+                                desc.full_name, path)
+                    sorted_ = False
             if ftype == FieldDescriptor.TYPE_MESSAGE:
                 sub = fd.message_type
                 if sub.full_name == TIMESTAMP_TYPE:

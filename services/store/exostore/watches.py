@@ -40,7 +40,7 @@ from exocommon.errors import ExocoreError, Internal
 from exocore.store import query_pb2
 from exostore.entity_index import IndexChange, IndexUpdate
 from exostore.registry import TraitRegistry
-from exostore.schema import MappedField, TraitMapping, ValueKind, _extract
+from exostore.schema import MappedField, TraitMapping, ValueKind, field_values
 
 MappingOf = Callable[[str], TraitMapping | None]
 
@@ -270,8 +270,7 @@ class WatchRegistry:
                     found.update(watches)
             return
         for mapped, by_value in paths.values():
-            value = _extract(message, mapped)
-            if value is not None:
+            for value in field_values(message, mapped):  # a repeated field: any of its elements
                 watches = by_value.get(value)  # type: ignore[arg-type]
                 if watches:
                     found.update(watches)

@@ -973,3 +973,54 @@ def test_ascending_score_pages_are_sorted_once():
     pages = [ops(search(index, count=7, offset=offset, ordering=order, match=match)) for offset in range(0, 100, 7)]
     assert sum(pages, []) == [m.operation_id for m in whole]
     assert index._score_rows  # the sorted rows were kept for the next pages
+
+
+def test_repeated_fields_index_every_element():
+    """SPEC 11 item 7: the original skipped repeated fields. Each element is an index value: a field
+    predicate matches when any element does; a repeated field flagged sorted is indexed, not sorted."""
+    from google.protobuf import descriptor_pb2
+
+    from exocore.store import options_pb2
+
+    F = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="rep/tagged.proto", package="rep", syntax="proto3")
+    file.dependency.extend(["exocore/store/options.proto", "exocore/store/entity.proto"])
+    message = file.message_type.add(name="Tagged")
+    for name, number, ftype, type_name, flags in [
+        ("tags", 1, F.TYPE_STRING, "", ("indexed",)),
+        ("sizes", 2, F.TYPE_UINT64, "", ("indexed", "sorted")),
+        ("links", 3, F.TYPE_MESSAGE, ".exocore.store.Reference", ("indexed",)),
+    ]:
+        fd = message.field.add(name=name, number=number, type=ftype, label=F.LABEL_REPEATED)  # type: ignore[arg-type]
+        if type_name:
+            fd.type_name = type_name
+        for flag in flags:
+            fd.options.Extensions[getattr(options_pb2, flag)] = True
+    registry = TraitRegistry()
+    registry.add_file_descriptor_protos([file])
+    schema = IndexSchema(registry)
+    mapping = schema.mapping("rep.Tagged")
+    assert mapping is not None and mapping.describe() == {
+        "tags": ("string", "string_0", False),
+        "sizes": ("u64", "u64_0", False),  # not sorted: no single value to sort by
+        "links": ("references", "references_0", False),
+    }
+    tagged = registry.message_class("rep.Tagged")
+    assert tagged is not None
+    index = MutationIndex(schema, None, heap_size=15_000_000, num_threads=1)
+    first = tagged(tags=["red", "blue"], sizes=[3, 30])
+    first.links.add(entity_id="et-x", trait_id="t1")
+    second = tagged(tags=["green"], sizes=[7])
+    index.apply([put(1, "e1", first), put(2, "e2", second), put(3, "e3", tagged())])
+
+    def rep(name: str, operator=Op.EQUAL, **value) -> Q.TraitPredicate:
+        predicate = Op(field=name, operator=operator, **value)
+        return Q.TraitPredicate(trait_name="rep.Tagged", query=Q.TraitQuery(field=predicate))
+
+    assert entities(search(index, trait=rep("tags", string="blue"))) == ["e1"]
+    assert entities(search(index, trait=rep("tags", string="red"))) == ["e1"]
+    assert entities(search(index, trait=rep("tags", string="green"))) == ["e2"]
+    assert entities(search(index, trait=rep("tags", string="yellow"))) == []
+    assert sorted(entities(search(index, trait=rep("sizes", Op.GT, uint64=5)))) == ["e1", "e2"]  # 30 > 5, 7 > 5
+    assert entities(search(index, trait=rep("sizes", Op.LT, uint64=5))) == ["e1"]  # 3 < 5
+    assert entities(search(index, reference=Q.ReferencePredicate(entity_id="et-x"))) == ["e1"]

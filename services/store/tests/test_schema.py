@@ -168,7 +168,8 @@ def test_same_mapping_whatever_the_registration_order():
     assert mappings[0][2] == EXPECTED_TEST_MESSAGE
     assert mappings[0][0] == {
         "body": ("text", "text_0", False),
-        "author.email": ("string", "string_0", False),
+        "tags": ("string", "string_0", False),  # repeated: one value per element
+        "author.email": ("string", "string_1", False),
         "author.name": ("text", "text_1", False),
         "count": ("u64_fast", "u64_fast_0", True),
         "due": ("u64", "u64_0", False),
