@@ -975,29 +975,10 @@ def test_ascending_score_pages_are_sorted_once():
     assert index._score_rows  # the sorted rows were kept for the next pages
 
 
-def test_repeated_fields_index_every_element():
+def test_repeated_fields_index_every_element(tagged_registry: TraitRegistry):
     """SPEC 11 item 7: the original skipped repeated fields. Each element is an index value: a field
     predicate matches when any element does; a repeated field flagged sorted is indexed, not sorted."""
-    from google.protobuf import descriptor_pb2
-
-    from exocore.store import options_pb2
-
-    F = descriptor_pb2.FieldDescriptorProto
-    file = descriptor_pb2.FileDescriptorProto(name="rep/tagged.proto", package="rep", syntax="proto3")
-    file.dependency.extend(["exocore/store/options.proto", "exocore/store/entity.proto"])
-    message = file.message_type.add(name="Tagged")
-    for name, number, ftype, type_name, flags in [
-        ("tags", 1, F.TYPE_STRING, "", ("indexed",)),
-        ("sizes", 2, F.TYPE_UINT64, "", ("indexed", "sorted")),
-        ("links", 3, F.TYPE_MESSAGE, ".exocore.store.Reference", ("indexed",)),
-    ]:
-        fd = message.field.add(name=name, number=number, type=ftype, label=F.LABEL_REPEATED)  # type: ignore[arg-type]
-        if type_name:
-            fd.type_name = type_name
-        for flag in flags:
-            fd.options.Extensions[getattr(options_pb2, flag)] = True
-    registry = TraitRegistry()
-    registry.add_file_descriptor_protos([file])
+    registry = tagged_registry
     schema = IndexSchema(registry)
     mapping = schema.mapping("rep.Tagged")
     assert mapping is not None and mapping.describe() == {

@@ -528,3 +528,35 @@ async def test_garbage_collection_goes_through_the_mutation_path(env):
     assert gc_mutation.entity_id == "e1"
     assert list(gc_mutation.delete_operations.operation_ids) == sorted(written)
     assert service.gc.queued == []
+
+
+async def test_a_watch_on_a_repeated_field_value_routes_on_any_element(tagged_registry):
+    from google.protobuf import any_pb2
+
+    from exostore.entity_index import IndexChange, IndexUpdate
+    from exostore.schema import IndexSchema
+    from exostore.watches import WatchRegistry
+
+    registry = tagged_registry
+    schema = IndexSchema(registry)
+
+    async def run_query(query: query_pb2.EntityQuery) -> query_pb2.EntityResults:
+        return query_pb2.EntityResults()
+
+    watches = WatchRegistry(run_query, registry, mapping_of=schema.mapping)
+
+    def tag_query(tag: str) -> query_pb2.EntityQuery:
+        field = query_pb2.TraitFieldPredicate(field="tags", string=tag)
+        return query_pb2.EntityQuery(trait=query_pb2.TraitPredicate(trait_name="rep.Tagged", query={"field": field}))
+
+    red, green = watches.register(tag_query("red")), watches.register(tag_query("green"))
+    assert ("rep.Tagged", "tags", "red") in red.route.field_values  # a value route, not a type route
+    tagged = registry.message_class("rep.Tagged")
+    assert tagged is not None
+    packed = any_pb2.Any()
+    packed.Pack(tagged(tags=["blue", "red"]))
+    update = IndexUpdate(changes=[IndexChange(1, "e1", "rep.Tagged", packed)])
+    assert watches.affected(update) == {red}
+    for watch in (red, green):
+        watches.unregister(watch)
+    await asyncio.sleep(0)
