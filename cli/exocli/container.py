@@ -46,11 +46,11 @@ from pathlib import Path
 
 from exocommon.config import Cell, NodeDirectory, cell_entry_id, load_node_config
 from exocommon.errors import ExocoreError
+from exocommon.process import EXIT_CONFIG
 
 SERVICE_MODULES = {"chain": "exochain", "store": "exostore", "gateway": "exogateway", "apphost": "exoapphost"}
 # The data folder of each service inside a cell folder, and its volume under EXO_DATA_DIR.
 DATA_FOLDERS = {"chain": "chain", "store": "store", "apphost": "apps"}
-EXIT_CONFIG = 2
 
 log = logging.getLogger("exocli.container")
 

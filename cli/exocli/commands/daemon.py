@@ -36,6 +36,7 @@ from types import FrameType
 from exocli.context import Context
 from exocommon.config import Cell, LocalNode, NodeDirectory, Role
 from exocommon.errors import ExocoreError, FailedPrecondition
+from exocommon.process import EXIT_CONFIG
 
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -43,8 +44,6 @@ HEALTHY_AFTER_S = 60.0
 STOP_TIMEOUT_S = 20.0
 POLL_INTERVAL_S = 0.2
 CONFIG_CHECK_INTERVAL_S = 2.0
-# A child exiting with this status cannot run with the current configuration: not restarted.
-EXIT_CONFIG = 2
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import gc
 
+# Exit statuses of a service process, a contract with `exo daemon` (which does not restart a child
+# that exited with EXIT_CONFIG until the configuration changes) and the container entrypoint.
+EXIT_FAILURE = 1  # failed while running (cannot listen, storage failed): worth restarting
+EXIT_CONFIG = 2  # cannot run with this configuration: restarting will not help
+
+
+class ConfigurationProblem(Exception):
+    """The service cannot run with this configuration; restarting will not help (EXIT_CONFIG)."""
+
+
 # A young-generation collection every this many net allocations (CPython's default: 700).
 GC_THRESHOLD_ALLOCATIONS = 20_000
 
@@ -21,4 +31,4 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_THRESHOLD_ALLOCATIONS, 10, 10)
 
 
-__all__ = ["GC_THRESHOLD_ALLOCATIONS", "tune_garbage_collector"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "GC_THRESHOLD_ALLOCATIONS", "ConfigurationProblem", "tune_garbage_collector"]

@@ -28,6 +28,7 @@ from exocommon.config import Cell, NodeDirectory, Role
 from exocommon.errors import ExocoreError
 from exocommon.grpc_util import ServiceServer, configure_logging
 from exocommon.grpc_util.server import stop_on_signals
+from exocommon.process import EXIT_CONFIG, EXIT_FAILURE, ConfigurationProblem
 
 from .bridge import GrpcStoreBridge, NodeToken
 from .runtime import WasmEngine
@@ -35,14 +36,6 @@ from .service import AppHostService, compiled_cache_dir, registrations
 from .settings import AppHostSettings
 
 log = logging.getLogger("exoapphost")
-
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-
-
-class ConfigurationProblem(Exception):
-    """The service cannot run with this configuration; restarting will not help."""
-
 
 @dataclass(frozen=True)
 class AppHostSetup:

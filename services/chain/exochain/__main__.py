@@ -29,17 +29,9 @@ from exocommon.config import Cell, NodeDirectory, Role
 from exocommon.errors import ExocoreError, FailedPrecondition
 from exocommon.grpc_util import ServiceServer, configure_logging
 from exocommon.grpc_util.server import stop_on_signals
-from exocommon.process import tune_garbage_collector
+from exocommon.process import EXIT_CONFIG, EXIT_FAILURE, ConfigurationProblem, tune_garbage_collector
 
 log = logging.getLogger("exochain")
-
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-
-
-class ConfigurationProblem(Exception):
-    """The service cannot run with this configuration; restarting will not help."""
-
 
 @dataclass(frozen=True)
 class ChainNodeSetup:

@@ -32,19 +32,11 @@ from exocommon.config import NodeDirectory
 from exocommon.errors import ExocoreError
 from exocommon.grpc_util import configure_logging
 from exocommon.grpc_util.server import stop_on_signals
-from exocommon.process import tune_garbage_collector
+from exocommon.process import EXIT_CONFIG, EXIT_FAILURE, ConfigurationProblem, tune_garbage_collector
 from exogateway.gateway import Gateway, GatewaySettings, directory_cell_source
 from exogateway.limits import LimitSettings
 
 log = logging.getLogger("exogateway")
-
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-
-
-class ConfigurationProblem(Exception):
-    """The gateway cannot run with this configuration; restarting will not help."""
-
 
 def http_bind_of_url(url: str) -> str:
     """``host:port`` of an http URL of node.yaml (port 80 when it has none, as the original)."""

@@ -30,7 +30,7 @@ from exocommon.config import StoreSettings
 from exocommon.errors import ExocoreError, FailedPrecondition
 from exocommon.grpc_util import ServiceServer, configure_logging, create_channel
 from exocommon.grpc_util.server import stop_on_signals
-from exocommon.process import tune_garbage_collector
+from exocommon.process import EXIT_CONFIG, EXIT_FAILURE, tune_garbage_collector
 from exocommon.sealed import derive_cell_data_key
 from exocore.chain.v1 import chain_pb2_grpc
 from exostore.entity_index import EntityIndex
@@ -43,8 +43,6 @@ from exostore.tailer import ChainTailer
 
 log = logging.getLogger("exostore")
 
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 
 # Reconnect quickly to a chain service that restarted (grpc's default backoff grows to 120 s).
 _CHAIN_CHANNEL_OPTIONS = [

@@ -15,11 +15,8 @@ from pathlib import Path
 from exocommon.apps import installed_schema_files
 from exocommon.config import Cell, NodeDirectory, Role
 from exocommon.errors import ExocoreError
+from exocommon.process import ConfigurationProblem
 from exostore.registry import TraitRegistry
-
-
-class ConfigurationProblem(Exception):
-    """The store cannot run with this configuration; restarting will not help."""
 
 
 def schema_paths(directory: NodeDirectory, cell: Cell) -> list[Path]:
