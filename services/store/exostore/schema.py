@@ -41,6 +41,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import tantivy
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -182,46 +183,45 @@ def field_values(message: Message, mapped: MappedField) -> list[str | int | tupl
 
 
 def _extract_repeated(message: Message, mapped: MappedField) -> list[str | int | tuple[str, str]]:
-    current = message
-    for parent in mapped.descriptors[:-1]:
-        if not current.HasField(parent.name):
-            return []
-        current = getattr(current, parent.name)
-    elements = getattr(current, mapped.descriptors[-1].name)
+    parent = _leaf_parent(message, mapped)
+    if parent is None:
+        return []
     kind = mapped.value_kind
-    if kind is ValueKind.TIMESTAMP:
-        return [max(0, ts.seconds * 1_000_000_000 + ts.nanos) for ts in elements]
-    if kind is ValueKind.REFERENCE:
-        return [(ref.entity_id, ref.trait_id) for ref in elements if ref.entity_id]
-    if kind is ValueKind.TEXT or kind is ValueKind.STRING:
-        return [value for value in elements if value]
-    return [int(value) for value in elements]
+    values = (_convert(kind, element) for element in getattr(parent, mapped.descriptors[-1].name))
+    return [value for value in values if value is not None]
 
 
 def _extract(message: Message, mapped: MappedField) -> str | int | tuple[str, str] | None:
+    parent = _leaf_parent(message, mapped)
+    if parent is None:
+        return None
+    leaf = mapped.descriptors[-1].name
+    kind = mapped.value_kind
+    if kind is ValueKind.TIMESTAMP:
+        if not parent.HasField(leaf):
+            return 0 if mapped.sorted else None
+    elif kind is ValueKind.REFERENCE or mapped.has_presence:
+        if not parent.HasField(leaf):
+            return None
+    return _convert(kind, getattr(parent, leaf))
+
+
+def _leaf_parent(message: Message, mapped: MappedField) -> Message | None:
+    """The message holding the mapped field (None when a message on the way is not set)."""
     current = message
-    descriptors = mapped.descriptors
-    for parent in descriptors[:-1]:
+    for parent in mapped.descriptors[:-1]:
         if not current.HasField(parent.name):
             return None
         current = getattr(current, parent.name)
-    leaf = descriptors[-1].name
-    kind = mapped.value_kind
+    return current
+
+
+def _convert(kind: ValueKind, value: Any) -> str | int | tuple[str, str] | None:
+    """The index value of one field value (None: nothing to index)."""
     if kind is ValueKind.TIMESTAMP:
-        if not current.HasField(leaf):
-            return 0 if mapped.sorted else None
-        ts = getattr(current, leaf)
-        return max(0, ts.seconds * 1_000_000_000 + ts.nanos)
+        return max(0, value.seconds * 1_000_000_000 + value.nanos)
     if kind is ValueKind.REFERENCE:
-        if not current.HasField(leaf):
-            return None
-        ref = getattr(current, leaf)
-        if not ref.entity_id:
-            return None
-        return (ref.entity_id, ref.trait_id)
-    if mapped.has_presence and not current.HasField(leaf):
-        return None
-    value = getattr(current, leaf)
+        return (value.entity_id, value.trait_id) if value.entity_id else None
     if kind is ValueKind.TEXT or kind is ValueKind.STRING:
         return value or None
     return int(value)
