@@ -190,13 +190,11 @@ def watch_main(addresses: list[str], conn: multiprocessing.connection.Connection
         stopped = asyncio.Event()
 
         def on_command() -> None:
-            nonlocal report
             command = conn.recv()
             if command == "report":
                 # Plain values: this module is `__mp_main__` here, its classes unknown to the parent.
                 conn.send((report.blocks, report.committed, report.discontinuities))
-                fresh = WatchReport([], [{} for _ in addresses], 0)
-                report.blocks, report.committed, report.discontinuities = fresh.blocks, fresh.committed, 0
+                report.blocks, report.committed, report.discontinuities = [], [{} for _ in addresses], 0
             elif command.startswith("cancel "):
                 tasks[int(command.split()[1])].cancel()
                 conn.send(None)
