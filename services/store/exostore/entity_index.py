@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -73,7 +72,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from exochain.model import BlockHeaderView
-from exocommon.config import EntityIndexSettings
+from exocommon.config import EntityIndexSettings, atomic_write_text
 from exocommon.errors import ExocoreError
 from exocommon.sealed import SealedPayloadError, open_sealed
 from exocore.chain.v1 import chain_pb2
@@ -370,14 +369,7 @@ class EntityIndex:
         self.progress = Progress(index_id=index_id)
         # Progress first: a crash before the marker is written leaves a mismatch (wipe again).
         self.payloads.save_progress(self.progress)
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        marker = self.store_dir / INDEX_ID_FILE
-        tmp = marker.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(index_id + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(marker)
+        atomic_write_text(self.store_dir / INDEX_ID_FILE, index_id + "\n", secret=False)
 
     def _recorded_mappings(self) -> dict[str, str] | None:
         """The type fingerprints the chain index was built with (None: not recorded)."""
@@ -389,14 +381,8 @@ class EntityIndex:
         return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else None
 
     def _record_mappings(self, fingerprints: dict[str, str]) -> None:
-        path = self.store_dir / MAPPINGS_FILE
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            json.dump(fingerprints, handle, sort_keys=True, indent=0)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        text = json.dumps(fingerprints, sort_keys=True, indent=0)
+        atomic_write_text(self.store_dir / MAPPINGS_FILE, text, secret=False)
 
     def _highest_chain_offset_beyond_progress(self) -> int | None:
         highest = self.chain.highest_indexed_block()
