@@ -39,8 +39,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from exocommon.errors import Unavailable
+from exocommon.errors import InvalidArgument, Unavailable
 from exocommon.grpc_util import check_health, create_channel
+from exocommon.net import split_host_port
 
 __all__ = ["STORE_SERVICE", "Replica", "Router", "StoreStatusError"]
 
@@ -161,13 +162,16 @@ class Router:
         expanded: list[str] = []
         loop = asyncio.get_running_loop()
         for address in addresses:
-            host, _, port = address.rpartition(":")
-            host = host.strip("[]")
-            if not host or not port.isdigit() or _is_ip(host):
+            try:
+                host, port = split_host_port(address)
+            except InvalidArgument:
+                expanded.append(address)  # not host:port: tried as it is (and reported by its health check)
+                continue
+            if _is_ip(host):
                 expanded.append(address)
                 continue
             try:
-                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 previous = self._resolved.get(address)
                 log.warning(
@@ -178,7 +182,7 @@ class Router:
                 )
                 expanded.extend(previous or [address])
                 continue
-            found = _unique(_join(info[4][0], int(port)) for info in infos)
+            found = _unique(_join(info[4][0], port) for info in infos)
             self._resolved[address] = found
             expanded.extend(found)
         return _unique(expanded)
