@@ -46,6 +46,7 @@ import grpc.aio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
+from benchlib import cpu_seconds  # noqa: E402
 from cluster import Cluster  # noqa: E402
 
 from exocore.chain.v1 import chain_pb2, chain_pb2_grpc  # noqa: E402
@@ -68,7 +69,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -77,14 +77,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 @dataclass
@@ -315,7 +307,7 @@ class Bench:
         pids["client"] = os.getpid()
         if self.watcher is not None and self.watcher.pid is not None:
             pids["subscribers"] = self.watcher.pid
-        cpu_before = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu_before = {k: cpu_seconds(p, missing=0.0) for k, p in pids.items()}
         discontinuities = self.discontinuities
         start = time.monotonic()
         stop_at = start + duration
@@ -333,7 +325,7 @@ class Bench:
 
         await asyncio.gather(*(appender(i) for i in range(appenders)))
         end = time.monotonic()
-        cpu_after = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu_after = {k: cpu_seconds(p, missing=0.0) for k, p in pids.items()}
         # Drain: give what was appended time to be committed (for the latency figures).
         drain_deadline = time.monotonic() + self.args.drain
         await self.collect()

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from benchlib import cpu_seconds
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exocommon.client import MutationBuilder, QueryBuilder, node_endpoint_and_token
@@ -86,15 +87,6 @@ async def wait_serving(address: str, service: str, timeout: float = 60.0) -> Non
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{address} did not serve {service or 'health'} within {timeout:g} s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measured_load(
