@@ -823,6 +823,32 @@ def test_fetch_entities_mutations_is_fetch_entity_mutations_of_each():
     assert [m.operation_id for m in index.fetch_entities_mutations(["e2", "e3"])["e2"]][:2] == [7, 12]
 
 
+def test_on_disk_fetches_of_entities_without_documents(tmp_path):
+    """The on-disk index answers entities it holds no document of without a search (a term lookup): the same
+    answers, also once the entity is written, and once its documents are deleted (still counted by the
+    term's document frequency until merged away)."""
+    index = new_index(tmp_path / "chain")
+    index.apply([put(1, "e1", tm(), block=1), put(2, "e2", tm(), block=1)])
+    assert index.fetch_entity_mutations("new") == []
+    assert {
+        e: [m.operation_id for m in ms] for e, ms in index.fetch_entities_mutations(["e1", "new", "e2"]).items()
+    } == {
+        "e1": [1],
+        "new": [],
+        "e2": [2],
+    }
+    index.apply([put(3, "new", tm(), block=2)])  # the empty answer cached above is invalidated
+    assert [m.operation_id for m in index.fetch_entity_mutations("new")] == [3]
+    index.apply([DeleteOperationsOperation((3, 1))])
+    assert index.fetch_entity_mutations("new") == []
+    assert index.fetch_entities_mutations(["new", "e1", "e2", "other"]) == {
+        "new": [],
+        "e1": [],
+        "e2": index.fetch_entity_mutations("e2"),
+        "other": [],
+    }
+
+
 def test_fetch_entity_mutations_of_an_entity_with_many_documents():
     index = new_index()
     index.apply([put(op, "busy", tm(), trait_id=f"t{op}") for op in range(1, 201)])
