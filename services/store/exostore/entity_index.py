@@ -557,14 +557,16 @@ class EntityIndex:
         update = IndexUpdate()
         if not events:
             return update
+        target, target_ops = self._target()
+        # Only what the target index lacks: most block entries came as pending operations first (reading
+        # back and parsing their payloads again, one LevelDB read and one parse each, served nothing).
         entries: list[ChainEntry] = []
         for event in events:
             if isinstance(event, BlockEvent):
-                entries.extend(event.entries)
-            elif isinstance(event, PendingEvent):
+                entries.extend(e for e in event.entries if e.operation_id not in target_ops)
+            elif isinstance(event, PendingEvent) and event.entry.operation_id not in target_ops:
                 entries.append(event.entry)
         mutations = self._decode(entries)
-        target, target_ops = self._target()
         ops: list[IndexOperation] = []
         # A pending operation already in the chain index (a peer re-sending an old operation) stays out
         # of the pending index: it would count as pending there forever.
