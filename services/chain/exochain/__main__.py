@@ -33,6 +33,7 @@ from exocommon.process import EXIT_CONFIG, EXIT_FAILURE, ConfigurationProblem, t
 
 log = logging.getLogger("exochain")
 
+
 @dataclass(frozen=True)
 class ChainNodeSetup:
     directory: NodeDirectory

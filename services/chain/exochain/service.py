@@ -29,9 +29,10 @@ Theory of operation
 * **Peer links.** Each other chain node gets a `PeerLink`: bounded queues (the oldest message is
   dropped when one is full; pending sync and chain sync are anti-entropy protocols, so a lost
   message is repaired by a later round) and one task that signs each message in a `PeerEnvelope`
-  and calls `ChainPeer.Deliver` with a deadline, `peer_in_flight_max` calls in flight at most;
+  and writes it to a `ChainPeer.DeliverStream` (acknowledged by the peer; `peer_deadline_s`
+  without an acknowledgement fails the stream), `peer_in_flight_max` unacknowledged at most;
   urgent messages (the engine marks the commit manager's proposals and votes) have their own
-  queue, go first and do not count toward that limit. Pushes of local entries waiting in a queue
+  queue and stream, go first and do not count toward that limit. Pushes of local entries waiting in a queue
   are merged into one message (fewer calls, envelopes and inputs at the peer), and once delivered
   (in order) they are reported to the engine (`Engine.peer_received`: the proposer leaves out of its
   proposal the local entries its peers do not hold yet, which would make their votes wait). A dead
@@ -60,12 +61,13 @@ the pending store).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -242,6 +244,9 @@ def open_envelope(
 # Peer links
 # ---------------------------------------------------------------------------------------------
 
+# A failed DeliverStream is opened again after this, doubling up to the max.
+_STREAM_BACKOFF_INITIAL_S = 0.1
+_STREAM_BACKOFF_MAX_S = 2.0
 # Reconnect quickly to a peer that comes back (grpc's default backoff grows to 120 s).
 _PEER_CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -250,8 +255,22 @@ _PEER_CHANNEL_OPTIONS = [
 ]
 
 
+class _PeerStreamError(Exception):
+    """A DeliverStream ended or went wrong on the peer's side."""
+
+
 class PeerLink:
-    """Messages to one chain peer: a bounded queue drained by one task (see module docstring)."""
+    """Messages to one chain peer: bounded queues drained by one task (see module docstring).
+
+    Transport: two `ChainPeer.DeliverStream` streams, one for urgent envelopes and one for the
+    others; a stream message costs a fraction of a unary call's CPU on both sides (measured here:
+    ~100 µs against ~430 µs per message, sender and receiver together), and entry pushes are one
+    per append under light load. The peer acknowledges what it handled; an envelope counts as in
+    flight until then. A stream that fails (the peer restarted, refused an envelope, or acknowledged
+    nothing for `peer_deadline_s`) gives up on what it had in flight, as a failed call did (the
+    anti-entropy rounds repair a lost push), and is opened again after a short backoff. A peer that
+    does not know `DeliverStream` (UNIMPLEMENTED: an older version) gets one `Deliver` call per
+    envelope instead."""
 
     def __init__(
         self,
@@ -278,8 +297,10 @@ class PeerLink:
         self._queue: deque[tuple[chain_pb2.PeerMessage, int]] = deque()
         # Proposals and votes overtake the rest (see `Outgoing.urgent`).
         self._urgent: deque[tuple[chain_pb2.PeerMessage, int]] = deque()
-        self._wakeup = asyncio.Event()
+        self._wakeup = {True: asyncio.Event(), False: asyncio.Event()}  # per lane: urgent, bulk
         self._reachable: bool | None = None
+        # False once the peer answered DeliverStream with UNIMPLEMENTED: unary calls from then on.
+        self.streams = True
         self.sent = 0
         self.failed = 0
         self.dropped = 0
@@ -293,69 +314,175 @@ class PeerLink:
             if self.dropped % 100 == 1:
                 log.warning("queue to peer %s is full; dropping its oldest messages", self.node_id)
         queue.append((message, own_up_to))
-        self._wakeup.set()
+        self._wakeup[urgent].set()
 
     async def run(self) -> None:
         """Sends queued messages: urgent ones at once, the others with at most `peer_in_flight_max`
-        calls in flight (an urgent message never waits for a slot behind bulk ones)."""
+        in flight (an urgent message never waits for a slot behind bulk ones)."""
         channel = create_channel(self.address, retry=False, options=_PEER_CHANNEL_OPTIONS)
         stub = chain_pb2_grpc.ChainPeerStub(channel)
+        try:
+            await asyncio.gather(self._lane(stub, urgent=True), self._lane(stub, urgent=False))
+        finally:
+            await channel.close()
+
+    def _next(self, urgent: bool) -> tuple[chain_pb2.PeerEnvelope, list[int] | None] | None:
+        """The next envelope of a lane, if it may be sent now, and its bulk record (None: urgent)."""
+        if urgent:
+            if not self._urgent:
+                return None
+            message, _ = self._urgent.popleft()
+            sent = None
+        else:
+            if not self._queue or self._bulk_in_flight >= self._config.peer_in_flight_max:
+                return None
+            message, own_up_to = self._take_bulk()
+            sent = [own_up_to, 0]
+            self._sent_bulk.append(sent)
+            self._bulk_in_flight += 1
+        self._in_flight += 1
+        return self._signer.seal(self.node_id, message, urgent=urgent), sent
+
+    async def _wait(self, urgent: bool, timeout: float | None = None) -> None:
+        event = self._wakeup[urgent]
+        event.clear()
+        if timeout is None:
+            await event.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    async def _lane(self, stub: chain_pb2_grpc.ChainPeerStub, urgent: bool) -> None:
+        backoff = _STREAM_BACKOFF_INITIAL_S
+        while True:
+            if not (self._urgent if urgent else self._queue):
+                await self._wait(urgent)
+                continue
+            if not self.streams:
+                await self._unary_lane(stub, urgent)
+                return
+            if await self._stream(stub, urgent):
+                backoff = _STREAM_BACKOFF_INITIAL_S
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _STREAM_BACKOFF_MAX_S)
+
+    async def _stream(self, stub: chain_pb2_grpc.ChainPeerStub, urgent: bool) -> bool:
+        """One DeliverStream, for as long as it works; False when it ended (back off), True when the
+        peer has no such method (`streams` is then False)."""
+        call = stub.DeliverStream()
+        # Per envelope written and not acknowledged: its bulk record (None: urgent), when written.
+        in_flight: deque[tuple[list[int] | None, float]] = deque()
+        acks = asyncio.create_task(self._read_acks(call, in_flight, urgent))
+        acks.add_done_callback(lambda _: self._wakeup[urgent].set())
+        deadline_s = self._config.peer_deadline_s
+        failure: BaseException | None = None
+        try:
+            while not acks.done():
+                item = self._next(urgent)
+                if item is not None:
+                    envelope, sent = item
+                    in_flight.append((sent, time.monotonic()))
+                    await call.write(envelope)
+                    continue
+                if in_flight and time.monotonic() - in_flight[0][1] > deadline_s:
+                    raise TimeoutError(f"no acknowledgement for {deadline_s:g} s")
+                await self._wait(urgent, deadline_s if in_flight else None)
+            failure = acks.exception() or _PeerStreamError("the peer ended the stream")
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
+            # A write to a stream that ended: the acknowledgement reader has the reason.
+            failure = (acks.done() and not acks.cancelled() and acks.exception()) or exc
+        finally:
+            call.cancel()
+            if not acks.done():
+                acks.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await acks
+            if in_flight:
+                self.failed += len(in_flight)
+                self._done(in_flight, len(in_flight))
+        if isinstance(failure, grpc.aio.AioRpcError) and failure.code() == grpc.StatusCode.UNIMPLEMENTED:
+            log.info("peer %s at %s has no DeliverStream (older version): one call each", self.node_id, self.address)
+            self.streams = False
+            return True
+        self._unreachable(failure)
+        return False
+
+    async def _read_acks(
+        self, call: grpc.aio.StreamStreamCall, in_flight: deque[tuple[list[int] | None, float]], urgent: bool
+    ) -> None:
+        handled = 0
+        async for ack in call:
+            count = ack.handled - handled
+            if count <= 0 or count > len(in_flight):
+                raise _PeerStreamError(f"the peer acknowledged {ack.handled} envelopes after {handled}")
+            handled = ack.handled
+            self.sent += count
+            self._done(in_flight, count)
+            self._wakeup[urgent].set()
+            if self._reachable is False:
+                log.info("peer %s at %s is reachable again", self.node_id, self.address)
+            self._reachable = True
+
+    def _done(self, in_flight: deque[tuple[list[int] | None, float]], count: int) -> None:
+        """The first `count` envelopes in flight are done: acknowledged or given up on."""
+        bulk = False
+        for _ in range(count):
+            sent, _ = in_flight.popleft()
+            self._in_flight -= 1
+            if sent is not None:
+                bulk = True
+                self._bulk_in_flight -= 1
+                sent[1] = 1  # done, delivered or given up on (anti-entropy repairs a lost push)
+        if bulk:
+            self._advance_delivered()
+        if self._on_progress is not None:
+            self._on_progress()
+
+    def _unreachable(self, failure: BaseException) -> None:
+        if self._reachable is not False:
+            if isinstance(failure, grpc.aio.AioRpcError):
+                detail = f"{failure.code().name} {failure.details()}"
+            else:
+                detail = str(failure) or type(failure).__name__
+            log.warning("cannot deliver to peer %s at %s: %s", self.node_id, self.address, detail)
+        self._reachable = False
+
+    async def _unary_lane(self, stub: chain_pb2_grpc.ChainPeerStub, urgent: bool) -> None:
+        """One `Deliver` call per envelope (peers without DeliverStream)."""
         tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
-                sent: list[int] | None = None
-                if self._urgent:
-                    message, _ = self._urgent.popleft()
-                elif self._queue and self._bulk_in_flight < self._config.peer_in_flight_max:
-                    message, own_up_to = self._take_bulk()
-                    sent = [own_up_to, 0]
-                    self._sent_bulk.append(sent)
-                else:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                item = self._next(urgent)
+                if item is None:
+                    await self._wait(urgent)
                     continue
-                envelope = self._signer.seal(self.node_id, message, urgent=sent is None)
-                self._in_flight += 1
-                self._bulk_in_flight += sent is not None
-                task = asyncio.create_task(self._deliver(stub, envelope, sent))
+                envelope, sent = item
+                task = asyncio.create_task(self._deliver(stub, envelope, sent, urgent))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await channel.close()
 
     async def _deliver(
-        self, stub: chain_pb2_grpc.ChainPeerStub, envelope: chain_pb2.PeerEnvelope, sent: list[int] | None
+        self, stub: chain_pb2_grpc.ChainPeerStub, envelope: chain_pb2.PeerEnvelope, sent: list[int] | None, urgent: bool
     ) -> None:
+        in_flight: deque[tuple[list[int] | None, float]] = deque([(sent, 0.0)])
         try:
             await stub.Deliver(envelope, timeout=self._config.peer_deadline_s)
         except grpc.aio.AioRpcError as exc:
             self.failed += 1
-            if self._reachable is not False:
-                log.warning(
-                    "cannot deliver to peer %s at %s: %s %s",
-                    self.node_id,
-                    self.address,
-                    exc.code().name,
-                    exc.details(),
-                )
-            self._reachable = False
+            self._unreachable(exc)
         else:
             self.sent += 1
             if self._reachable is False:
                 log.info("peer %s at %s is reachable again", self.node_id, self.address)
             self._reachable = True
         finally:
-            self._in_flight -= 1
-            if sent is not None:
-                self._bulk_in_flight -= 1
-                sent[1] = 1  # done, delivered or given up on (anti-entropy repairs a lost push)
-                self._advance_delivered()
-            self._wakeup.set()
-            if self._on_progress is not None:
-                self._on_progress()
+            self._done(in_flight, 1)
+            self._wakeup[urgent].set()
 
     def _take_bulk(self) -> tuple[chain_pb2.PeerMessage, int]:
         """The next bulk message; consecutive pushes of local entries waiting behind it (same height
@@ -895,6 +1022,39 @@ class ChainService:
         message = open_envelope(envelope, self.cell, self.node_id, self._now_ns())
         await self._input(lambda: self._deliver(envelope, message), urgent=envelope.urgent)
 
+    async def deliver_stream(
+        self,
+        envelopes: AsyncIterator[chain_pb2.PeerEnvelope],
+        acknowledge: Callable[[chain_pb2.DeliverAck], Awaitable[None]],
+    ) -> None:
+        """`deliver_scheduled` for each envelope of a stream, in order; acknowledges what was handled
+        whenever no further envelope has arrived meanwhile (one acknowledgement for a burst). A
+        refused envelope raises (and so ends the stream with its error)."""
+        arrived: asyncio.Queue[chain_pb2.PeerEnvelope | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for envelope in envelopes:
+                    arrived.put_nowait(envelope)
+            finally:
+                arrived.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        handled = acknowledged = 0
+        try:
+            while (envelope := await arrived.get()) is not None:
+                await self.deliver_scheduled(envelope)
+                handled += 1
+                if arrived.empty():
+                    await acknowledge(chain_pb2.DeliverAck(handled=handled))
+                    acknowledged = handled
+            if handled > acknowledged:  # the sender closed its side right after the last ones
+                await acknowledge(chain_pb2.DeliverAck(handled=handled))
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
     def deliver(self, envelope: chain_pb2.PeerEnvelope) -> None:
         self._deliver(envelope, open_envelope(envelope, self.cell, self.node_id, self._now_ns()))
 
@@ -1112,6 +1272,11 @@ class ChainPeerServicer(chain_pb2_grpc.ChainPeerServicer):
     ) -> chain_pb2.DeliverResponse:
         await self._service.deliver_scheduled(request)
         return chain_pb2.DeliverResponse()
+
+    async def DeliverStream(
+        self, request_iterator: AsyncIterator[chain_pb2.PeerEnvelope], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._service.deliver_stream(request_iterator, context.write)
 
 
 class ChainLogServicer(chain_pb2_grpc.ChainLogServicer):
