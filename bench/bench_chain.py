@@ -7,9 +7,11 @@ Prints, per chain configuration (the original's defaults, then a tuned one):
   `--batch` entries of `--entry-bytes` bytes as fast as its appends return (closed loop);
 * append latency (the call returns once the entries are durable on the node) and
   append-to-committed latency (from the call until the block holding the entry reaches the node's
-  `ChainLog.Subscribe` stream), p50/p99, for those runs and for a light "probe" load (one appender,
-  one entry per call, `--probe-rate` calls/s); the probe runs twice: first before any subscriber
-  exists (the append path alone), then with the subscribers (as with stores attached);
+  `ChainLog.Subscribe` stream), p50/p99, for those runs and for two light loads of one appender
+  and one entry per call: the "probe" (`--probe-rate` calls/s) and "in sequence" (each call as soon
+  as the previous one returned, as etcd's one-client figure is measured); each runs twice: first
+  before any subscriber exists (the append path alone), then with the subscribers (as with stores
+  attached). Next to them, the floor: a trivial call's round trip (`Status`), paced and back to back;
 * the time an empty node (chain wiped back to its genesis) takes to catch up the cell's chain (the
   entries of the runs before, topped up to `--catchup-ops` if fewer), and the operations/s;
 * CPU seconds used by each node and by this client per run (2 cores are shared by all of them).
@@ -236,6 +238,24 @@ class Bench:
     async def status(self, index: int) -> chain_pb2.ChainStatus:
         return await self.stubs[index].Status(chain_pb2.StatusRequest(), timeout=10)
 
+    async def print_floor(self, calls: int = 300) -> None:
+        """What any call to a node costs on this machine: `Status` round trips to node 1 (no disk, no
+        peers), paced like the probe and back to back. On this VM an idle process's wake-up is slow
+        (its vCPUs halt without polling), so a paced call pays it and a call in sequence mostly not."""
+        paced: list[float] = []
+        sequence: list[float] = []
+        for latencies, pause in ((paced, 1 / self.args.probe_rate), (sequence, 0.0)):
+            for _ in range(calls if pause == 0 else max(20, int(self.args.duration * self.args.probe_rate))):
+                if pause:
+                    await asyncio.sleep(pause)
+                started = time.monotonic()
+                await self.status(0)
+                latencies.append((time.monotonic() - started) * 1000)
+        print(
+            f"  floor: ChainLog.Status round trip to node 1, p50 {percentile(paced, 50):.2f} ms paced at "
+            f"{self.args.probe_rate:g} calls/s, {percentile(sequence, 50):.2f} ms back to back"
+        )
+
     async def wait_synchronized(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -439,16 +459,22 @@ async def bench_config(name: str, settings: dict[str, int], args: argparse.Names
             bench = Bench(cluster, args)
             await bench.wait_synchronized()
             await bench.run("warm-up", 1, 1, 0.2)
+            if args.runs & {"probe", "seq"}:
+                await bench.print_floor()
+            # The append path alone: no subscriber streams competing for the 2 cores.
             if "probe" in args.runs:
-                # The append path alone: no subscriber streams competing for the 2 cores.
                 title = "probe without subscribers: 1 appender, 1 entry/call"
                 (await bench.run(title, 1, 1, args.duration, args.probe_rate)).print()
+            if "seq" in args.runs:
+                title = "in sequence without subscribers: 1 appender, 1 entry/call, back to back"
+                (await bench.run(title, 1, 1, args.duration)).print()
             bench.subscribe_all()
             await asyncio.sleep(0.5)
             # Warm up: one commit through the whole path.
             await bench.run("warm-up", 1, 1, 0.2)
             runs = {
                 "probe": ("probe with a subscriber per node: 1 appender, 1 entry/call", 1, 1, args.probe_rate),
+                "seq": ("in sequence with a subscriber per node: 1 appender, 1 entry/call, back to back", 1, 1, None),
                 "1": (f"1 appender, {args.batch} entries/call", 1, args.batch, None),
                 "16": (f"16 appenders, {args.batch} entries/call", 16, args.batch, None),
             }
@@ -479,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--entry-bytes", type=int, default=200)
     parser.add_argument("--probe-rate", type=float, default=20.0, help="calls/s of the latency probe")
     parser.add_argument("--catchup-ops", type=int, default=100_000, help="0: skip the catch-up measure")
-    parser.add_argument("--runs", default="probe,1,16,catchup", help="which measures, of probe,1,16,catchup")
+    parser.add_argument("--runs", default="probe,seq,1,16,catchup", help="which measures, of probe,seq,1,16,catchup")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 20,000-operation catch-up")
     args = parser.parse_args(argv)
     if args.quick:
