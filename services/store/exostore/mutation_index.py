@@ -27,11 +27,13 @@ score ordering fetches and sorts every match once, kept the same way for its nex
 first page of a search counts its matches (`with_total`): counting disables tantivy's block skipping.
 
 Costs kept off the query path (same results): a page of the same compiled query on the same searcher is
-kept (`RESULTS_CACHE_SIZE`); the RAM (pending) index keeps every entity's mutations and every document's
-metadata as it indexes them, so aggregating an entity or reading a hit there needs no search; documents
-built for the pending index are reused by the chain index (`DocumentCache`); the words of `all_text` go
-to the schema's `Vocabulary`, which lets match queries skip fuzzy automata that could not match anything
-but their own token (`query.match_query`).
+kept (`RESULTS_CACHE_SIZE`); a page builds each mutation's metadata when it is first read (`_Page`: the
+searcher walks a few hits of most pages, and the disk index loads a stored document per uncached hit);
+the RAM (pending) index keeps every entity's mutations and every document's metadata as it indexes them,
+so aggregating an entity or reading a hit there needs no search; documents built for the pending index
+are reused by the chain index (`DocumentCache`); the words of `all_text` go to the schema's
+`Vocabulary`, which lets match queries skip fuzzy automata that could not match anything but their own
+token (`query.match_query`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 import tantivy
 
@@ -187,6 +190,70 @@ def _meta_with(first: Callable[[str, object], object]) -> _Meta:
 
 
 _SHAREABLE = (PutTraitOperation, TraitTombstoneOperation, EntityTombstoneOperation)
+
+
+class _Page(Sequence[MutationMetadata]):
+    """The mutations of a searched page, each built (and its stored document loaded, when its metadata is not
+    cached) when first read: a searcher walks a page only as far as it ranks better than the other index's
+    matches, usually a few of the chain index's hits, and loading a document costs more than finding it.
+    Read-only; concurrent readers may both build an item (equal values)."""
+
+    __slots__ = ("_index", "_searcher", "_rows", "_kind", "_items")
+
+    def __init__(
+        self,
+        index: MutationIndex,
+        searcher: tantivy.Searcher,
+        rows: list[tuple[float | int, int, tantivy.DocAddress]],
+        kind: SortKind,
+    ) -> None:
+        self._index = index
+        self._searcher = searcher
+        self._rows = rows
+        self._kind = kind
+        self._items: list[MutationMetadata | None] = [None] * len(rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, position: int) -> MutationMetadata: ...
+
+    @overload
+    def __getitem__(self, position: slice) -> list[MutationMetadata]: ...
+
+    def __getitem__(self, position: int | slice) -> MutationMetadata | list[MutationMetadata]:
+        if isinstance(position, slice):
+            return [self._item(i) for i in range(*position.indices(len(self._rows)))]
+        if position < 0:
+            position += len(self._rows)
+        if not 0 <= position < len(self._rows):
+            raise IndexError("page index out of range")
+        return self._item(position)
+
+    def __iter__(self) -> Iterator[MutationMetadata]:
+        for i in range(len(self._rows)):
+            yield self._item(i)
+
+    def __eq__(self, other: object) -> bool:  # as the list it stands for
+        if isinstance(other, _Page | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"_Page({list(self)!r})"
+
+    def _item(self, i: int) -> MutationMetadata:
+        item = self._items[i]
+        if item is None:
+            value, operation_id, addr = self._rows[i]
+            meta = self._index._meta_cache.get(operation_id) or self._index._meta(self._searcher, operation_id, addr)
+            sort_value = SortValue(self._kind, value, operation_id)
+            item = MutationMetadata(operation_id, meta[2], meta[0], meta[1], sort_value)
+            self._items[i] = item
+        return item
 
 
 class DocumentCache:
@@ -530,23 +597,17 @@ class MutationIndex:
             cached = self._results.get(key)
             if cached is not None and cached[0] is searcher and cached[1] is compiled:
                 self._results.move_to_end(key)
-                return MutationResults(list(cached[2]), cached[3])
+                return MutationResults(cached[2], cached[3])
         window = offset + count
         if field is None:
             rows, total = self._search_by_score(searcher, compiled, offset, window, with_total)
         else:
             tquery = compiled.query if bounds is None else self._bounded_query(compiled, field, bounds)
             rows, total = self._search_by_field(searcher, compiled, field, offset, window, with_total, tquery)
-        kind = compiled.sort_kind
-        cache = self._meta_cache
-        mutations = []
-        for value, operation_id, addr in rows:
-            meta = cache.get(operation_id) or self._meta(searcher, operation_id, addr)
-            sort_value = SortValue(kind, value, operation_id)
-            mutations.append(MutationMetadata(operation_id, meta[2], meta[0], meta[1], sort_value))
+        mutations = _Page(self, searcher, rows, compiled.sort_kind)
         with self._cache_lock:
             if searcher is self._searcher:
-                self._results[key] = (searcher, compiled, tuple(mutations), total)
+                self._results[key] = (searcher, compiled, mutations, total)
                 while len(self._results) > RESULTS_CACHE_SIZE:
                     self._results.popitem(last=False)
         return MutationResults(mutations, total)

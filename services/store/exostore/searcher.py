@@ -153,13 +153,18 @@ class _Prefetch:
     def add(
         self, chain_page: Sequence[MutationMetadata], pending_page: Sequence[MutationMetadata], wanted: int
     ) -> None:
+        """Prefetches the entities of the first `wanted + PREFETCH_EXTRA` mutations of each first page. The
+        chain page is left unread when the pending page is full (a page may build its mutations as they are
+        read, loading stored documents): its entities are then looked up one by one if aggregated."""
         if self._pending is None or self._chain is None:
             return
-        in_chain = list(dict.fromkeys(m.entity_id for m in chain_page))
-        everyone = list(dict.fromkeys([*in_chain, *(m.entity_id for m in pending_page)]))
+        limit = wanted + PREFETCH_EXTRA
+        in_pending = [m.entity_id for m in pending_page[:limit]]
+        in_chain = [] if len(pending_page) >= wanted else list(dict.fromkeys(m.entity_id for m in chain_page[:limit]))
+        everyone = list(dict.fromkeys([*in_chain, *in_pending]))
         if len(everyone) > 1:
             self._found[0].update(self._pending(everyone))
-        if len(in_chain) > 1 and len(pending_page) < wanted:
+        if len(in_chain) > 1:
             self._found[1].update(self._chain(in_chain))
 
     def take(self, entity_id: str) -> tuple[list[MutationMetadata] | None, list[MutationMetadata] | None]:
@@ -593,20 +598,20 @@ class EntitySearcher:
         aggregators: dict[str, EntityAggregator | None] = {}
         origins: dict[str, tuple[list[MutationMetadata], list[MutationMetadata]]] = {}
         prefetch = _Prefetch(self._pending, self._chain)
-        first_pages: tuple[list[MutationMetadata], list[MutationMetadata]] = ([], [])  # chain, pending
+        first_pages: list[Sequence[MutationMetadata]] = [(), ()]  # chain, pending
 
         # The best of each first page: the entity page usually comes from them. Not when the indices are read
         # from the top past a bound (score orderings): their first pages then rank mostly before the bound,
         # and such entities are not aggregated (see `deferred` below).
         prefetching = pre_bound is None or pushed
 
-        def on_chain_page(mutations: list[MutationMetadata], first: bool) -> None:
+        def on_chain_page(mutations: Sequence[MutationMetadata], first: bool) -> None:
             if first and prefetching:
-                first_pages[0].extend(mutations[: wanted + PREFETCH_EXTRA])
+                first_pages[0] = mutations
 
-        def on_pending_page(mutations: list[MutationMetadata], first: bool) -> None:
+        def on_pending_page(mutations: Sequence[MutationMetadata], first: bool) -> None:
             if first and prefetching:
-                first_pages[1].extend(mutations[: wanted + PREFETCH_EXTRA])
+                first_pages[1] = mutations
 
         chain_total, chain_stream = self._stream(
             self._chain,
@@ -639,7 +644,7 @@ class EntitySearcher:
         if pushed:  # the counts of every match, not only of those past the bound (cached by the indices)
             chain_total = self._chain.search(count_query, 0, 0).total
             pending_total = self._pending.search(count_query, 0, 0).total
-        prefetch.add(*first_pages, wanted)
+        prefetch.add(first_pages[0], first_pages[1], wanted)
 
         def entries(stream: Iterator[_Match | _Stop], index: int) -> Iterator[tuple[Any, int, _Match | _Stop]]:
             for item in stream:
@@ -791,7 +796,7 @@ class EntitySearcher:
         source: MutationSource,
         query: query_pb2.EntityQuery,
         wanted: int,
-        on_page: Callable[[list[MutationMetadata], bool], None] | None = None,
+        on_page: Callable[[Sequence[MutationMetadata], bool], None] | None = None,
         with_total: bool = True,
     ) -> tuple[int, Iterator[MutationMetadata]]:
         """The source's matching mutations in order, read lazily: a first page sized for `wanted` entities,
@@ -829,7 +834,7 @@ class EntitySearcher:
         index_boost: float,
         now_ns: int,
         wanted: int,
-        on_page: Callable[[list[MutationMetadata], bool], None] | None = None,
+        on_page: Callable[[Sequence[MutationMetadata], bool], None] | None = None,
         *,
         pre_bound: Callable[[_OV], bool] | None = None,
         with_total: bool = True,
@@ -1031,7 +1036,7 @@ class EntitySearcher:
                     ),
                     ordering=index_query.ordering,
                 )
-                found = source.search(probe, 2 * len(ranks), 0, with_total=False).mutations
+                found = list(source.search(probe, 2 * len(ranks), 0, with_total=False).mutations)
             else:
                 for op_id, value in ranks.items():
                     assert value is not None  # query strings are pushed down only with known sort values

@@ -4,6 +4,7 @@ mutation index returns (SPEC 3.3-3.4). Plain frozen dataclasses, no tantivy type
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exocore.store import entity_pb2, mutation_pb2
@@ -141,5 +142,5 @@ class MutationMetadata:
 
 @dataclass(frozen=True, slots=True)
 class MutationResults:
-    mutations: list[MutationMetadata]
+    mutations: Sequence[MutationMetadata]  # a list, or a page built as it is read (`MutationIndex.search`)
     total: int  # matching documents in the index (estimated_count adds both indices)

@@ -793,8 +793,10 @@ def test_repeated_searches_reuse_the_page_until_the_index_changes():
     index.apply([put(op, f"e{op}", tm(string1="same words", date3=ts(op * DAY))) for op in range(1, 30)])
     sorted_by_date = Q.EntityQuery(trait=trait_query(), ordering=Q.Ordering(field="date3"))
     first = index.search(sorted_by_date, 5, 0)
-    first.mutations.clear()  # callers own what they get
+    assert not hasattr(first.mutations, "clear")  # read-only: the same page is handed to every caller
+    assert [m.operation_id for m in first.mutations[1:3]] == [28, 27] and first.mutations[-1].operation_id == 25
     again = index.search(sorted_by_date, 5, 0)
+    assert again.mutations is first.mutations
     assert ops(again) == [29, 28, 27, 26, 25] and again.total == 29
     assert ops(index.search(sorted_by_date, 5, 5)) == [24, 23, 22, 21, 20]
     index.refresh()  # another searcher (merged segments): searched again, same page
@@ -803,6 +805,23 @@ def test_repeated_searches_reuse_the_page_until_the_index_changes():
     assert ops(index.search(sorted_by_date, 5, 0)) == [40, 29, 28, 27, 26]
     index.apply([DeleteOperationsOperation((40, 29))])
     assert ops(index.search(sorted_by_date, 5, 0)) == [28, 27, 26, 25, 24]
+
+
+def test_a_page_loads_the_metadata_of_the_hits_read_only(tmp_path):
+    """The disk index loads a hit's stored document when the hit is first read (a searcher reads a few hits of
+    most pages); the page reads as the list of its mutations."""
+    index = new_index(tmp_path / "chain")
+    index.apply([put(op, f"e{op}", tm(string1="same words"), block=1) for op in range(1, 21)])
+    index._meta_cache.clear()
+    page = index.search(Q.EntityQuery(all=Q.AllPredicate()), 10, 0).mutations
+    assert len(page) == 10 and not index._meta_cache
+    assert page[0].operation_id == 20 and page[0].entity_id == "e20" and page[0].block_offset == 1
+    assert list(index._meta_cache) == [20]
+    assert page[-1].operation_id == 11 and [m.operation_id for m in page[2:4]] == [18, 17]
+    with pytest.raises(IndexError):
+        page[10]
+    assert page == [index.fetch_entity_mutations(f"e{op}")[0] for op in range(20, 10, -1)]
+    assert len(index._meta_cache) == 10
 
 
 def test_fetch_entities_mutations_is_fetch_entity_mutations_of_each():
