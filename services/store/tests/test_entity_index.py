@@ -202,6 +202,18 @@ def test_a_pending_operation_then_its_block_is_indexed_once(store):
     assert store.entities("once") == [("e1", ["once"])]
 
 
+def test_a_block_entry_already_pending_is_not_read_back(store, monkeypatch):
+    start(store, GENESIS, caught_up(1))
+    e1, e2 = entry(1, put("e1", "t1", "one")), entry(2, put("e2", "t1", "two"))
+    store.index.apply_events([pending(e1)])
+    read: list[int] = []
+    get = store.payloads.get
+    monkeypatch.setattr(store.payloads, "get", lambda op_id: read.append(op_id) or get(op_id))
+    update = store.index.apply_events([block(2, e1, e2)])
+    assert read == [op(2)], "only the entry new to the pending index is decoded"
+    assert update.indexed == [op(2)] and update.committed == [op(1), op(2)]
+
+
 def test_undecodable_entries_are_logged_and_skipped(store, caplog):
     caplog.set_level(logging.WARNING)
     start(store, GENESIS, caught_up(1))
