@@ -11,6 +11,8 @@ Options:
   --store HOST:PORT      an extra store replica (repeatable), besides the cell's store-role nodes
   --resolve-stores       each store address stands for every address its host name resolves to,
                          looked up again every 10 s (store pods behind a Kubernetes headless Service)
+  --no-store-links       one gRPC call to a store per unary call, rather than a stream per store replica
+                         that carries them all (a comparison, for benchmarks)
   --request-bytes-max N, --streams-per-token-max N, --calls-per-token-max N   per-client limits
 
 Exit status: 0 after a graceful stop (SIGTERM/SIGINT), 1 on a runtime failure (cannot listen),
@@ -100,6 +102,7 @@ def build_settings(args: argparse.Namespace) -> tuple[GatewaySettings, list[Path
         http_bind=http_bind,
         extra_store_addresses=tuple(args.store),
         resolve_store_names=args.resolve_stores,
+        store_links=not args.no_store_links,
         limits=limits,
     )
     watched = [directory.node_yaml, directory.cell_yaml(args.cell)]
@@ -147,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--resolve-stores",
         action="store_true",
         help="each store address stands for every address its name resolves to (a Kubernetes headless Service)",
+    )
+    parser.add_argument(
+        "--no-store-links", action="store_true", help="one gRPC call to a store per call, without the link stream"
     )
     defaults = LimitSettings()
     parser.add_argument("--request-bytes-max", type=int, default=defaults.request_bytes_max)

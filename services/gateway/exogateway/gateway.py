@@ -51,6 +51,8 @@ class GatewaySettings:
     extra_store_addresses: tuple[str, ...] = ()
     # Each store address stands for every address its host name resolves to (see `Router`).
     resolve_store_names: bool = False
+    # Unary calls go to each store replica over one multiplexed stream (see `Router`).
+    store_links: bool = True
     limits: LimitSettings = field(default_factory=LimitSettings)
     call_timeout_s: float = CALL_TIMEOUT_S
     health_interval_s: float = HEALTH_INTERVAL_S
@@ -130,6 +132,7 @@ class Gateway:
             health_interval_s=settings.health_interval_s,
             max_message_bytes=settings.max_message_bytes,
             resolve_names=settings.resolve_store_names,
+            use_links=settings.store_links,
         )
         self.proxy = EntityStoreProxy(self.authenticator, self.router, self.limits, settings.call_timeout_s)
         self.grpc_server = ServiceServer(

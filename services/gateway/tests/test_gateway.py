@@ -499,3 +499,76 @@ async def test_without_resolution_a_store_name_is_one_replica():
         assert [r.address for r in router.replicas] == ["localhost:1", "127.0.0.1:2"]
     finally:
         await router.close()
+
+
+# --- store links ----------------------------------------------------------------------------------------------------
+
+
+async def test_unary_calls_go_over_the_store_link_when_the_replica_serves_one():
+    from exocommon.grpc_util import ServiceServer
+    from exocommon.grpc_util.link import link_registration
+    from exocommon.testing.fake_store import SERVICE
+
+    node = Keypair.generate()
+    cell_id = _peer(Keypair.generate())
+    linked: list[str] = []
+
+    async def query(body: bytes, remaining: float | None) -> bytes:
+        request = query_pb2.EntityQuery.FromString(body)
+        linked.append("Query")
+        if request.HasField("test") and not request.test.success:
+            raise InvalidArgument("test predicate failed (over the link)")
+        result = query_pb2.EntityResults()
+        result.entities.add().entity.id = "linked"
+        return result.SerializeToString()
+
+    async def mutate(body: bytes, remaining: float | None) -> bytes:
+        linked.append("Mutate")
+        return mutation_pb2.MutationResult(operation_ids=[7]).SerializeToString()
+
+    store = FakeEntityStore("linked")
+    handlers = {f"/{SERVICE}/Query": query, f"/{SERVICE}/Mutate": mutate}
+    server = ServiceServer(
+        "fake-linked-store",
+        "127.0.0.1:0",
+        [(entity_store_pb2_grpc.add_EntityStoreServicer_to_server, store, SERVICE), link_registration(handlers)],
+        drain_delay_s=0,
+        grace_s=0.2,
+    )
+    await server.start()
+    try:
+        view = CellView(cell_id, "test", {_peer(node): node.public_key}, (server.address,))
+        gateway = Gateway(GatewaySettings(grpc_bind="127.0.0.1:0", health_interval_s=0.2), lambda: view)
+        await gateway.start()
+        gateway.grpc_server.drain_delay_s = 0
+        token = AuthToken.create(cell_id, node, now_ns(), now_ns() + 3600 * NS).encode_base58()
+        try:
+            async with Client(gateway.grpc_address, token) as client:
+                results = await client.query(QueryBuilder.all())
+                assert [r.entity.id for r in results.entities] == ["linked"]
+                result = await client.mutate(MutationBuilder().put_trait("e", test_pb2.TestMessage(string1="x")))
+                assert list(result.operation_ids) == [7]
+                with pytest.raises(InvalidArgument, match="over the link"):
+                    await client.query(query_pb2.EntityQuery(test=query_pb2.TestPredicate(success=False)))
+                async with Client(gateway.grpc_address, "definitely-not-a-token") as bad:
+                    with pytest.raises(Unauthenticated):
+                        await bad.query(QueryBuilder.all())
+            assert linked == ["Query", "Mutate", "Query"]
+            assert store.calls == []  # nothing went to EntityStore itself
+            assert gateway.statistics()["replicas"][0]["link"] is True
+            await server.stop(0)
+            async with Client(gateway.grpc_address, token) as client:
+                with pytest.raises(Unavailable):
+                    await client.query(QueryBuilder.all(), timeout=2)
+        finally:
+            await gateway.stop()
+    finally:
+        await server.stop()
+
+
+async def test_replicas_without_a_link_are_called_directly(setup):
+    async with Client(setup.address, setup.token) as client:
+        await client.query(QueryBuilder.all())
+    called = [replica for replica in setup.gateway.statistics()["replicas"] if replica["calls"]]
+    assert [replica["link"] for replica in called] == [False]  # it answered UNIMPLEMENTED: no link
+    assert setup.store_calls() == ["Query"]

@@ -35,6 +35,7 @@ from exocommon.sealed import derive_cell_data_key
 from exocore.chain.v1 import chain_pb2_grpc
 from exostore.entity_index import EntityIndex
 from exostore.gc import GarbageCollector, GcConfig
+from exostore.link import store_link_registration
 from exostore.payloads import PayloadStore
 from exostore.registry import TraitRegistry
 from exostore.service import SERVICE_NAME, StoreService, registrations
@@ -79,7 +80,7 @@ async def run(setup: StoreSetup, registry: TraitRegistry, payloads: PayloadStore
         index, chain, data_key, registry, queries, query_parallelism=settings.query_parallelism, gc=gc
     )
     tailer = ChainTailer(chain, index, indexer, service.on_update)
-    server = ServiceServer("store", setup.bind, registrations(service))
+    server = ServiceServer("store", setup.bind, [*registrations(service), store_link_registration(service)])
     try:
         await server.start()
     except OSError as exc:

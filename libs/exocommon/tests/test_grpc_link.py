@@ -1,0 +1,164 @@
+"""exocommon.grpc_util.link: many unary calls over one stream, against a real grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from exocommon.errors import InvalidArgument
+from exocommon.grpc_util import ServiceServer, create_channel
+from exocommon.grpc_util.errors import INTERNAL_ERROR_DETAILS
+from exocommon.grpc_util.link import PIECE_BYTES, LinkBroken, LinkCallError, LinkClient, link_registration
+
+ECHO = "/test.Service/Echo"
+
+
+class Handlers:
+    def __init__(self) -> None:
+        self.started: list[bytes] = []
+        self.cancelled: list[bytes] = []
+        self.remaining: list[float | None] = []
+
+    async def echo(self, body: bytes, remaining: float | None) -> bytes:
+        self.remaining.append(remaining)
+        return b"echo:" + body
+
+    async def fail(self, body: bytes, remaining: float | None) -> bytes:
+        raise InvalidArgument(f"bad request {body.decode()}")
+
+    async def crash(self, body: bytes, remaining: float | None) -> bytes:
+        raise RuntimeError("secret detail")
+
+    async def slow(self, body: bytes, remaining: float | None) -> bytes:
+        self.started.append(body)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.cancelled.append(body)
+            raise
+        return body
+
+    def mapping(self) -> dict:
+        return {
+            ECHO: self.echo,
+            "/test.Service/Fail": self.fail,
+            "/test.Service/Crash": self.crash,
+            "/test.Service/Slow": self.slow,
+        }
+
+
+@contextlib.asynccontextmanager
+async def link_server(handlers: Handlers | None, **kwargs) -> AsyncIterator[ServiceServer]:
+    registrations = [link_registration(handlers.mapping())] if handlers is not None else []
+    server = ServiceServer("link-test", "127.0.0.1:0", registrations, drain_delay_s=0, grace_s=0.2, **kwargs)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def link_client(address: str) -> AsyncIterator[LinkClient]:
+    channel = create_channel(address, retry=False)
+    client = LinkClient(channel)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await channel.close()
+
+
+async def test_concurrent_calls_share_one_stream_and_get_their_own_answers():
+    handlers = Handlers()
+    async with link_server(handlers) as server, link_client(server.address) as client:
+        bodies = [f"call {i}".encode() for i in range(200)]
+        results = await asyncio.gather(*(client.call(ECHO, body, 5.0) for body in bodies))
+        assert results == [b"echo:" + body for body in bodies]
+        assert all(r is not None and 0 < r <= 5.0 for r in handlers.remaining)
+        assert await client.call(ECHO, b"", None) == b"echo:"
+        assert handlers.remaining[-1] is None
+
+
+async def test_large_bodies_travel_in_pieces_both_ways():
+    async with link_server(Handlers()) as server, link_client(server.address) as client:
+        big = bytes(range(256)) * (PIECE_BYTES * 3 // 256 + 7)
+        small = b"small"
+        results = await asyncio.gather(client.call(ECHO, big, 10.0), client.call(ECHO, small, 10.0))
+        assert results == [b"echo:" + big, b"echo:" + small]
+
+
+async def test_handler_errors_become_statuses():
+    async with link_server(Handlers()) as server, link_client(server.address) as client:
+        with pytest.raises(LinkCallError) as info:
+            await client.call("/test.Service/Fail", b"x", 5.0)
+        assert (info.value.code, info.value.details) == (grpc.StatusCode.INVALID_ARGUMENT, "bad request x")
+        with pytest.raises(LinkCallError) as info:
+            await client.call("/test.Service/Crash", b"", 5.0)
+        assert (info.value.code, info.value.details) == (grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAILS)
+        with pytest.raises(LinkCallError) as info:
+            await client.call("/test.Service/Nope", b"", 5.0)
+        assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+        assert await client.call(ECHO, b"still", 5.0) == b"echo:still"  # the stream lives on
+
+
+async def test_a_call_past_its_deadline_or_cancelled_is_cancelled_on_the_server():
+    handlers = Handlers()
+    async with link_server(handlers) as server, link_client(server.address) as client:
+        with pytest.raises(LinkCallError) as info:
+            await client.call("/test.Service/Slow", b"deadline", 0.2)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        task = asyncio.create_task(client.call("/test.Service/Slow", b"cancelled", None))
+        for _ in range(100):
+            if b"cancelled" in handlers.started:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if len(handlers.cancelled) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(handlers.cancelled) == [b"cancelled", b"deadline"]
+
+
+async def test_a_server_without_links_is_reported_as_unsupported():
+    async with link_server(None) as server, link_client(server.address) as client:
+        with pytest.raises(LinkBroken) as info:
+            await client.call(ECHO, b"x", 5.0)
+        assert info.value.unsupported
+        assert client.unsupported
+
+
+async def test_calls_in_flight_when_the_server_goes_away_fail_and_the_next_call_reopens():
+    handlers = Handlers()
+    async with link_server(handlers) as server:
+        port = server.bound_port
+        async with link_client(server.address) as client:
+            assert await client.call(ECHO, b"first", 5.0) == b"echo:first"
+            slow = asyncio.create_task(client.call("/test.Service/Slow", b"in flight", 10.0))
+            while not handlers.started:
+                await asyncio.sleep(0.01)
+            await server.stop(0)
+            with pytest.raises(LinkBroken) as info:
+                await slow
+            assert not info.value.unsupported
+            restarted = ServiceServer(
+                "link-test", f"127.0.0.1:{port}", [link_registration(handlers.mapping())], drain_delay_s=0
+            )
+            await restarted.start()
+            try:
+                for _ in range(50):
+                    with contextlib.suppress(LinkBroken):
+                        assert await client.call(ECHO, b"again", 5.0) == b"echo:again"
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    pytest.fail("the link did not reopen")
+            finally:
+                await restarted.stop()
