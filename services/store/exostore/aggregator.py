@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from exocommon.hashing import Crc64
+from exocommon.hashing import CRC64_ECMA_182_POLY
 from exostore.types import (
     EntityTombstoneMeta,
     MutationMetadata,
@@ -46,6 +46,49 @@ GC_INACTIVE_OPS_THRESHOLD = 10
 """`should_collect` when more than this many mutations of an entity are no longer active."""
 
 _PENDING_OFFSET = float("inf")
+_MASK64 = (1 << 64) - 1
+
+
+def _crc64_tables() -> tuple[tuple[int, ...], ...]:
+    """Slicing-by-8 tables of CRC-64/ECMA-182 (MSB first): ``tables[j][b]`` is the register after byte `b`
+    then `j` zero bytes, from 0."""
+    first = []
+    for byte in range(256):
+        crc = byte << 56
+        for _ in range(8):
+            crc = ((crc << 1) ^ CRC64_ECMA_182_POLY) & _MASK64 if crc >> 63 else (crc << 1) & _MASK64
+        first.append(crc)
+    tables = [tuple(first)]
+    for _ in range(7):
+        previous = tables[-1]
+        tables.append(tuple(first[value >> 56] ^ ((value << 8) & _MASK64) for value in previous))
+    return tuple(tables)
+
+
+_T0, _T1, _T2, _T3, _T4, _T5, _T6, _T7 = _crc64_tables()
+
+
+def crc64_of_u64s(values: Iterable[int]) -> int:
+    """`exocommon.hashing.crc64_of_u64s` (CRC-64/ECMA-182 over each value as 8 little-endian bytes) a word at
+    a time: every entity aggregated and every page hashes this way, and the byte-wise loop cost ~2.5 us a
+    value. The 8 bytes shift the whole register out, so the new register is the tables' sum over the bytes
+    of (register XOR the bytes read as a big-endian word)."""
+    crc = 0
+    for value in values:
+        if not 0 <= value <= _MASK64:
+            raise ValueError(f"value {value} does not fit in a u64")
+        v = crc ^ int.from_bytes(value.to_bytes(8, "little"), "big")
+        crc = (
+            _T7[v >> 56]
+            ^ _T6[(v >> 48) & 0xFF]
+            ^ _T5[(v >> 40) & 0xFF]
+            ^ _T4[(v >> 32) & 0xFF]
+            ^ _T3[(v >> 24) & 0xFF]
+            ^ _T2[(v >> 16) & 0xFF]
+            ^ _T1[(v >> 8) & 0xFF]
+            ^ _T0[v & 0xFF]
+        )
+    return crc
 
 
 def _commit_order_key(mutation: MutationMetadata) -> tuple[float, int]:
@@ -177,12 +220,42 @@ class EntityAggregator:
 
         Raises ValueError if the mutations belong to more than one entity.
         """
+        if len(mutations) == 1 and isinstance(mutations[0].mutation_type, TraitPutMeta):
+            return cls._single_put(mutations[0], mutations[0].mutation_type)
+        return cls._fold(mutations)
+
+    @classmethod
+    def _single_put(cls, mutation: MutationMetadata, put: TraitPutMeta) -> EntityAggregator:
+        """`_fold` of one put, the most common entity (a search aggregates a dozen per page), directly."""
+        op_id = mutation.operation_id
+        creation = put.creation_date if put.creation_date is not None else op_id
+        modification = put.modification_date  # a new trait: only an explicit one
+        trait = TraitAggregator(put.trait_id, [mutation], op_id, creation, modification, None, 1, put.has_reference)
+        entity_modification = modification if modification is not None else creation
+        return cls(
+            entity_id=mutation.entity_id,
+            traits={put.trait_id: trait},
+            active_operations={op_id},
+            mutation_count=1,
+            hash=crc64_of_u64s((op_id,)),
+            creation_date=creation,
+            modification_date=None if entity_modification == creation else entity_modification,
+            deletion_date=None,
+            last_operation_id=op_id,
+            last_block_offset=mutation.block_offset,
+            in_pending=mutation.block_offset is None,
+            pending_deletion=False,
+            has_reference=put.has_reference,
+        )
+
+    @classmethod
+    def _fold(cls, mutations: list[MutationMetadata]) -> EntityAggregator:
         entity_ids = {m.entity_id for m in mutations}
         if len(entity_ids) > 1:
             raise ValueError(f"mutations of several entities cannot be aggregated together: {sorted(entity_ids)}")
         entity_id = next(iter(entity_ids), "")
 
-        digest = Crc64()
+        ordered = sort_mutations_commit_order(mutations)
         traits: dict[str, TraitAggregator] = {}
         active: set[int] = set()
         creation: int | None = None
@@ -194,14 +267,13 @@ class EntityAggregator:
         pending_deletion = False
         mutation_count = 0
 
-        for mutation in sort_mutations_commit_order(mutations):
+        for mutation in ordered:
             mutation_count += 1
             op_id = mutation.operation_id
-            digest.update_u64(op_id)
             kind = mutation.mutation_type
 
             if isinstance(kind, TraitPutMeta):
-                agg = traits.setdefault(kind.trait_id, TraitAggregator(kind.trait_id))
+                agg = traits.get(kind.trait_id) or traits.setdefault(kind.trait_id, TraitAggregator(kind.trait_id))
                 if agg.last_operation_id is not None:
                     if op_id < agg.last_operation_id:
                         continue  # older write committed later: discarded
@@ -214,7 +286,7 @@ class EntityAggregator:
                 )
                 deletion = None
             elif isinstance(kind, TraitTombstoneMeta):
-                agg = traits.setdefault(kind.trait_id, TraitAggregator(kind.trait_id))
+                agg = traits.get(kind.trait_id) or traits.setdefault(kind.trait_id, TraitAggregator(kind.trait_id))
                 if agg.last_operation_id is not None:
                     if op_id < agg.last_operation_id:
                         continue
@@ -256,7 +328,7 @@ class EntityAggregator:
             traits=traits,
             active_operations=active,
             mutation_count=mutation_count,
-            hash=digest.digest(),
+            hash=crc64_of_u64s(m.operation_id for m in ordered),
             creation_date=creation,
             modification_date=modification,
             deletion_date=deletion,
@@ -270,6 +342,7 @@ class EntityAggregator:
 
 __all__ = [
     "GC_INACTIVE_OPS_THRESHOLD",
+    "crc64_of_u64s",
     "EntityAggregator",
     "TraitAggregator",
     "sort_mutations_commit_order",

@@ -78,9 +78,8 @@ from google.protobuf.descriptor_pool import DescriptorPool
 
 from exocommon.clock import timestamp_to_proto
 from exocommon.errors import InvalidArgument
-from exocommon.hashing import crc64_of_u64s
 from exocore.store import entity_pb2, query_pb2
-from exostore.aggregator import EntityAggregator, TraitAggregator
+from exostore.aggregator import EntityAggregator, TraitAggregator, crc64_of_u64s
 from exostore.projection import find_projection, project_trait_fields
 from exostore.types import MutationMetadata, MutationResults, SortKind, TraitPutMeta
 
@@ -297,10 +296,13 @@ def is_within_page_bound(value: query_pb2.OrderingValue, paging: query_pb2.Pagin
     return _within(_ov_from_proto(value), after, before)
 
 
+_F32 = struct.Struct("<f")
+
+
 def to_f32(value: float) -> float:
     """`value` rounded to the nearest 32-bit float (the wire type of scores)."""
     try:
-        return float(struct.unpack("<f", struct.pack("<f", value))[0])
+        return float(_F32.unpack(_F32.pack(value))[0])
     except OverflowError:
         return math.copysign(math.inf, value)
 
@@ -887,13 +889,18 @@ class EntitySearcher:
         without boosts (``recency`` false), the stream is read lazily too; with them, it is read whole (a
         recency boost has no lower bound)."""
 
+        boosts: dict[int, float] = {}  # day -> recency boost (a function of the day: most matches share a few)
+
         def boosted(m: MutationMetadata) -> _Match:
             score = float(m.sort_value.value)
             if recency:
                 date = m.operation_id
                 if isinstance(m.mutation_type, TraitPutMeta) and m.mutation_type.modification_date:
                     date = m.mutation_type.modification_date
-                score = score * recency_boost(now_ns, date) * index_boost
+                boost = boosts.get(date // NS_PER_DAY)
+                if boost is None:
+                    boost = boosts[date // NS_PER_DAY] = recency_boost(now_ns, date)
+                score = score * boost * index_boost
             return _Match(m, source_kind, "float", to_f32(score))
 
         def rank(match: _Match) -> tuple[float | int, int]:

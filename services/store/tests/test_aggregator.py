@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from exocommon.hashing import crc64_of_u64s
+from exostore import aggregator
 from exostore.aggregator import EntityAggregator, TraitAggregator, sort_mutations_commit_order
 from exostore.types import (
     EntityTombstoneMeta,
@@ -251,3 +254,21 @@ def test_empty_and_mixed_entities():
     other = MutationMetadata(1, 1, "et2", TraitTombstoneMeta("t1"), SortValue(SortKind.UINT, 1, 1))
     with pytest.raises(ValueError):
         agg(put("t1", 1, 1), other)
+
+
+def test_word_wise_crc_is_the_byte_wise_one():
+    rng = random.Random(7)
+    values = [0, 1, 255, 256, (1 << 63), (1 << 64) - 1, *(rng.getrandbits(64) for _ in range(200))]
+    for count in (0, 1, 2, 5, len(values)):
+        assert aggregator.crc64_of_u64s(values[:count]) == crc64_of_u64s(values[:count])
+    with pytest.raises(ValueError):
+        aggregator.crc64_of_u64s([1 << 64])
+
+
+@pytest.mark.parametrize("block", [None, 0, 7])
+@pytest.mark.parametrize("created", [None, 1, 10, 50])
+@pytest.mark.parametrize("modified", [None, 1, 10, 50])
+@pytest.mark.parametrize("has_reference", [False, True])
+def test_a_single_put_aggregates_as_the_general_fold(block, created, modified, has_reference):
+    mutation = put("t1", block, 10, created=created, modified=modified, has_reference=has_reference)
+    assert EntityAggregator.from_mutations([mutation]) == EntityAggregator._fold([mutation])
