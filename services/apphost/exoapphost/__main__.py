@@ -14,6 +14,11 @@ address): `exo daemon` restarts the service after 1, never after 2.
 
 from __future__ import annotations
 
+from exocommon.grpc_io import prefer_poller_io
+
+if __name__ == "__main__":
+    prefer_poller_io()  # before anything imports grpc (see exocommon.grpc_io)
+
 import argparse
 import asyncio
 import contextlib
@@ -36,6 +41,7 @@ from .service import AppHostService, compiled_cache_dir, registrations
 from .settings import AppHostSettings
 
 log = logging.getLogger("exoapphost")
+
 
 @dataclass(frozen=True)
 class AppHostSetup:

@@ -9,6 +9,11 @@ a service after 1, never after 2.
 
 from __future__ import annotations
 
+from exocommon.grpc_io import prefer_poller_io
+
+if __name__ == "__main__":
+    prefer_poller_io()  # before anything imports grpc (see exocommon.grpc_io)
+
 import argparse
 import asyncio
 import faulthandler

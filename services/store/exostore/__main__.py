@@ -14,6 +14,11 @@ chain role, no cell keypair, unreadable schema): `exo daemon` restarts a service
 
 from __future__ import annotations
 
+from exocommon.grpc_io import prefer_poller_io
+
+if __name__ == "__main__":
+    prefer_poller_io()  # before anything imports grpc (see exocommon.grpc_io)
+
 import argparse
 import asyncio
 import faulthandler
