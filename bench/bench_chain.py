@@ -28,7 +28,14 @@ what the cell commits. It never asserts anything about timings: it measures and 
     .venv/bin/python bench/bench_chain.py [--configs default,tuned] [--duration 10] [--quick]
 """
 
+# ruff: noqa: E402 (grpc's I/O mode is chosen before grpc is imported)
 from __future__ import annotations
+
+from exocommon.grpc_io import prefer_poller_io
+
+# The appenders and subscribers stand for stores, which run so (see exocommon.grpc_io); the nodes
+# would choose it themselves.
+prefer_poller_io()
 
 import argparse
 import asyncio
@@ -48,10 +55,10 @@ import grpc.aio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from benchlib import cpu_seconds  # noqa: E402
-from cluster import Cluster  # noqa: E402
+from benchlib import cpu_seconds
+from cluster import Cluster
 
-from exocore.chain.v1 import chain_pb2, chain_pb2_grpc  # noqa: E402
+from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
 
 # node.yaml `chain:` settings of each configuration ({}: every default, i.e. the original's
 # 3 s commit interval, 7 s proposal timeout, 10 waiting entries to propose, 100 ms ticks, 5 s syncs).
