@@ -176,7 +176,9 @@ class LevelDbStorage:
         if target == self._synced_writes:
             return
         with self._sync_lock:
-            numbers = sorted(int(path.stem) for path in self.path.glob("*.log") if path.stem.isdigit())
+            # os.listdir, not Path.glob: this runs for every group of appends (a tenth of the cost).
+            names = os.listdir(self.path)
+            numbers = sorted(int(name[:-4]) for name in names if name.endswith(".log") and name[:-4].isdigit())
             fresh = [n for n in numbers if n >= self._log_synced_from]
             if not fresh:
                 # Not the layout expected: let LevelDB sync its log (slower, but always right).
