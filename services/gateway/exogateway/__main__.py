@@ -19,23 +19,14 @@ Exit status: 0 after a graceful stop (SIGTERM/SIGINT), 1 on a runtime failure (c
 2 when the configuration does not allow running (no node, no such cell, no gateway address).
 """
 
-# ruff: noqa: E402 (GRPC_EXPERIMENTS must be set before grpc is imported)
 from __future__ import annotations
 
-import os
+from exocommon.grpc_io import prefer_poller_io
 
-# grpc core's EventEngine moves every read, write and completion between its own threads, the
-# completion queue's poller thread and the event loop: on the gateway's short proxied calls those
-# hand-offs (futex waits, context switches) cost about a quarter of its CPU per call (~375 -> ~300 us
-# with 32 clients). The older I/O manager these experiments fall back to does the reads in the
-# poller thread. grpc reads the variable when it is imported, so this comes before any grpc import;
-# a GRPC_EXPERIMENTS the user set wins.
-GRPC_EXPERIMENTS = (
-    "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints,"
-    "-event_engine_callback_cq,-event_engine_fork"  # only names this grpc knows (others log an error)
-)
 if __name__ == "__main__":
-    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    # Measured on the gateway: the EventEngine's thread hand-offs were a quarter of its CPU per
+    # proxied call (~375 -> ~300 us with 32 clients).
+    prefer_poller_io()  # before anything imports grpc (see exocommon.grpc_io)
 
 import argparse
 import asyncio
@@ -55,6 +46,7 @@ from exogateway.gateway import Gateway, GatewaySettings, directory_cell_source
 from exogateway.limits import LimitSettings
 
 log = logging.getLogger("exogateway")
+
 
 def http_bind_of_url(url: str) -> str:
     """``host:port`` of an http URL of node.yaml (port 80 when it has none, as the original)."""
