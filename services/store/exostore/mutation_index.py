@@ -107,6 +107,7 @@ RESULTS_CACHE_SIZE = 256  # searches whose page is kept while the index does not
 TIE_LOOKAHEAD = 64  # extra hits a first score-ordered search fetches (see `_search_by_score`)
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
 SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
+HITS_REMEMBERED = 4096  # disk index: hits read lately, by entity (see `MutationIndex._without_search`)
 DOCUMENT_CACHE_SIZE = 20_000  # pending documents kept for the chain index (~2 KB each for a note)
 
 
@@ -253,6 +254,8 @@ class _Page(Sequence[MutationMetadata]):
             sort_value = SortValue(self._kind, value, operation_id)
             item = MutationMetadata(operation_id, meta[2], meta[0], meta[1], sort_value)
             self._items[i] = item
+            if self._index._entities is None:
+                self._index._remember_hit(self._searcher, item)
         return item
 
 
@@ -331,6 +334,7 @@ class MutationIndex:
         self._entity_cache_size = entity_cache_size
         self._meta_cache: dict[int, _Meta] = {}
         self._meta_cache_size = metadata_cache_size
+        self._hits: dict[str, tuple[tantivy.Searcher, MutationMetadata]] = {}  # see `_without_search`
         self._highest_block: tuple[int, int | None] | None = None  # (generation, value)
         # RAM index only, as committed: the entity id of each operation having one document here, and the
         # operations having several (absent from both: none), so that removing operations (moved to the
@@ -873,11 +877,8 @@ class MutationIndex:
                 return list(cached)
             generation = self._generation
             searcher = self._searcher
-        if searcher.doc_freq(F_ENTITY_ID, entity_id) == 0:
-            # None (deleted documents count too): a term lookup, where a search costs ~7 times more. A
-            # search aggregates entities found only in the pending index (new ones) this way in the chain's.
-            hits = []
-        else:
+        mutations = self._without_search(entity_id, searcher)
+        if mutations is None:
             query = tantivy.Query.term_query(self.schema.tantivy_schema, F_ENTITY_ID, entity_id)
             # Most entities have a few documents: a small top-k first (tantivy sizes its buffers by the limit).
             hits = searcher.search(
@@ -887,22 +888,45 @@ class MutationIndex:
                 hits = searcher.search(
                     query, ENTITY_MUTATIONS_LIMIT, count=False, order_by_field=F_OPERATION_ID, order=tantivy.Order.Asc
                 ).hits
-        mutations: list[MutationMetadata] = []
-        last = -1
-        for value, addr in hits:
-            operation_id = int(value)
-            if operation_id == last:
-                continue
-            last = operation_id
-            entity, mtype, block_offset = self._meta(searcher, operation_id, addr)
-            sort_value = SortValue(SortKind.UINT, operation_id, operation_id)
-            mutations.append(MutationMetadata(operation_id, block_offset, entity, mtype, sort_value))
+            mutations = []
+            last = -1
+            for value, addr in hits:
+                operation_id = int(value)
+                if operation_id == last:
+                    continue
+                last = operation_id
+                entity, mtype, block_offset = self._meta(searcher, operation_id, addr)
+                sort_value = SortValue(SortKind.UINT, operation_id, operation_id)
+                mutations.append(MutationMetadata(operation_id, block_offset, entity, mtype, sort_value))
         with self._cache_lock:
             if generation == self._generation:
                 self._entity_cache[entity_id] = mutations
                 if len(self._entity_cache) > self._entity_cache_size:
                     self._entity_cache.popitem(last=False)
         return list(mutations)
+
+    def _without_search(self, entity_id: str, searcher: tantivy.Searcher) -> list[MutationMetadata] | None:
+        """The entity's documents when a term lookup tells them (~1 us, a search costs ~10 times more), else
+        None. The lookup counts the documents holding the entity id (deleted ones too): none, or one, which
+        is a hit read from a page of this very searcher (`_Page`), as most entities a search aggregates:
+        new ones found only in the pending index, and entities written once."""
+        count = searcher.doc_freq(F_ENTITY_ID, entity_id)
+        if count == 0:
+            return []
+        if count == 1:
+            hit = self._hits.get(entity_id)
+            if hit is not None and hit[0] is searcher:
+                m = hit[1]
+                sort_value = SortValue(SortKind.UINT, m.operation_id, m.operation_id)
+                return [MutationMetadata(m.operation_id, m.block_offset, entity_id, m.mutation_type, sort_value)]
+        return None
+
+    def _remember_hit(self, searcher: tantivy.Searcher, hit: MutationMetadata) -> None:
+        """Disk index: `hit` is a document of `searcher` (see `_without_search`)."""
+        hits = self._hits
+        if len(hits) >= HITS_REMEMBERED:
+            hits.clear()
+        hits[hit.entity_id] = (searcher, hit)
 
     def fetch_entities_mutations(self, entity_ids: Sequence[str]) -> dict[str, list[MutationMetadata]]:
         """`fetch_entity_mutations` of each entity: cached ones from the cache, the others with one search
@@ -922,12 +946,14 @@ class MutationIndex:
                     found[entity_id] = list(cached)
             generation = self._generation
             searcher = self._searcher
-        absent = [entity_id for entity_id in missing if searcher.doc_freq(F_ENTITY_ID, entity_id) == 0]
-        if absent:  # none here (see `fetch_entity_mutations`): nothing to search for them
-            gone = set(absent)
-            missing = [entity_id for entity_id in missing if entity_id not in gone]
-            for entity_id in absent:
-                found[entity_id] = []
+        searched = []
+        for entity_id in missing:
+            known = self._without_search(entity_id, searcher)
+            if known is None:
+                searched.append(entity_id)
+            else:
+                found[entity_id] = known
+        missing = searched
         if len(missing) < 2:
             for entity_id in missing:
                 found[entity_id] = self.fetch_entity_mutations(entity_id)

@@ -824,6 +824,54 @@ def test_a_page_loads_the_metadata_of_the_hits_read_only(tmp_path):
     assert len(index._meta_cache) == 10
 
 
+class _CountingSearcher:
+    """A tantivy searcher counting its searches."""
+
+    def __init__(self, searcher) -> None:
+        self.searcher, self.searches = searcher, 0
+
+    def search(self, *args, **kwargs):
+        self.searches += 1
+        return self.searcher.search(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.searcher, name)
+
+
+def test_entities_of_one_document_read_as_a_hit_need_no_search(tmp_path):
+    """The disk index answers an entity whose only document is a hit read from a page of the current searcher
+    with that hit (its document frequency says there is no other), and searches otherwise."""
+    index, other = new_index(tmp_path / "chain"), new_index(tmp_path / "other")
+    batch = [put(1, "e1", tm(string1="word"), block=1), put(2, "e2", tm(string1="word"), block=1)]
+    batch += [put(3, "e2", tm(string1="other"), trait_id="t2", block=1), put(4, "e3", tm(string1="word"), block=1)]
+    for target in (index, other):
+        target.apply(batch)
+    index._last_write = float("-inf")  # no periodic reload (of merged segments) replacing the counting searcher
+    counting = index._searcher = _CountingSearcher(index._searcher)
+    page = index.search(Q.EntityQuery(match=Q.MatchPredicate(query="word")), 10, 0).mutations
+    assert {page[0].entity_id, page[1].entity_id} <= {"e1", "e2", "e3"}  # two of three hits read
+    read = [m.entity_id for m in page[:2]]
+    searches = counting.searches
+    for entity in read:
+        assert index.fetch_entity_mutations(entity) == other.fetch_entity_mutations(entity)
+    assert counting.searches == searches + ("e2" in read)  # e2 has two documents: searched
+    unread = ({"e1", "e3"} - set(read)).pop()
+    assert index.fetch_entity_mutations(unread) == other.fetch_entity_mutations(unread)  # not a hit read: searched
+    assert counting.searches == searches + ("e2" in read) + 1
+    list(page)
+    index._entity_cache.clear()
+    searches = counting.searches
+    assert index.fetch_entities_mutations(["e1", "e3", "nobody"]) == other.fetch_entities_mutations(
+        ["e1", "e3", "nobody"]
+    )
+    assert counting.searches == searches
+    index.apply([put(5, "e4", tm(), block=2)])  # another searcher: the hits read belong to the previous one
+    index._last_write = float("-inf")
+    counting = index._searcher = _CountingSearcher(index._searcher)
+    assert index.fetch_entity_mutations("e1") == other.fetch_entity_mutations("e1")
+    assert counting.searches == 1
+
+
 def test_fetch_entities_mutations_is_fetch_entity_mutations_of_each():
     index, other = new_index(), new_index()
     batch = [put(op, f"e{op % 5}", tm(), trait_id=f"t{op}") for op in range(1, 40)]
