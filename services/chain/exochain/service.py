@@ -244,6 +244,8 @@ def open_envelope(
 # Peer links
 # ---------------------------------------------------------------------------------------------
 
+# A DeliverStream's receiver acknowledges at least every this many envelopes.
+DELIVER_ACK_EVERY = 64
 # A failed DeliverStream is opened again after this, doubling up to the max.
 _STREAM_BACKOFF_INITIAL_S = 0.1
 _STREAM_BACKOFF_MAX_S = 2.0
@@ -1028,8 +1030,9 @@ class ChainService:
         acknowledge: Callable[[chain_pb2.DeliverAck], Awaitable[None]],
     ) -> None:
         """`deliver_scheduled` for each envelope of a stream, in order; acknowledges what was handled
-        whenever no further envelope has arrived meanwhile (one acknowledgement for a burst). A
-        refused envelope raises (and so ends the stream with its error)."""
+        whenever no further envelope has arrived meanwhile (one acknowledgement for a burst), and at
+        least every `DELIVER_ACK_EVERY` envelopes. A refused envelope raises (and so ends the stream
+        with its error)."""
         arrived: asyncio.Queue[chain_pb2.PeerEnvelope | None] = asyncio.Queue()
 
         async def read() -> None:
@@ -1045,7 +1048,8 @@ class ChainService:
             while (envelope := await arrived.get()) is not None:
                 await self.deliver_scheduled(envelope)
                 handled += 1
-                if arrived.empty():
+                # At a lull, or every so often under a steady flow (the sender times out otherwise).
+                if arrived.empty() or handled - acknowledged >= DELIVER_ACK_EVERY:
                     await acknowledge(chain_pb2.DeliverAck(handled=handled))
                     acknowledged = handled
             if handled > acknowledged:  # the sender closed its side right after the last ones
@@ -1327,6 +1331,7 @@ def registrations(service: ChainService) -> list[tuple[Callable[..., None], obje
 
 
 __all__ = [
+    "DELIVER_ACK_EVERY",
     "ENVELOPE_MAX_SKEW_NS",
     "ChainLogServicer",
     "ChainPeerServicer",

@@ -15,7 +15,7 @@ import pytest
 from exochain.core.common import ChainCell, EngineConfig, LocalChainNode
 from exochain.core.engine import Engine
 from exochain.model import build_genesis
-from exochain.service import ChainService, EnvelopeSigner, PeerLink, ShellConfig
+from exochain.service import DELIVER_ACK_EVERY, ChainService, EnvelopeSigner, PeerLink, ShellConfig
 from exochain.storage.memory import MemoryChainStore, MemoryMetaStore, MemoryPendingStore
 from exocommon.clock import MockTimeSource
 from exocommon.errors import Unauthenticated
@@ -192,6 +192,22 @@ async def test_received_stream_envelopes_are_handled_in_order_and_acknowledged()
 
     await service.deliver_stream(envelopes_of([sender.seal(b, message) for _ in range(5)]), acknowledge)
     assert acks == [1, 2, 3, 4, 5]
+
+
+async def test_a_steady_flow_is_acknowledged_every_so_often():
+    service, sender, b, _ = two_node_cell()
+    message = chain_pb2.PeerMessage(chain_sync_request=chain_pb2.ChainSyncRequest(from_offset=0))
+    acks: list[int] = []
+
+    async def acknowledge(ack: chain_pb2.DeliverAck) -> None:
+        acks.append(ack.handled)
+
+    async def flood() -> AsyncIterator[chain_pb2.PeerEnvelope]:
+        for _ in range(DELIVER_ACK_EVERY * 2 + 5):
+            yield sender.seal(b, message)  # no pause: the receiver never sees its queue empty
+
+    await service.deliver_stream(flood(), acknowledge)
+    assert acks[:2] == [DELIVER_ACK_EVERY, DELIVER_ACK_EVERY * 2] and acks[-1] == DELIVER_ACK_EVERY * 2 + 5
 
 
 async def test_a_forged_envelope_ends_the_stream_unauthenticated_after_the_good_ones():
