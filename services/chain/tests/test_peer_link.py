@@ -176,52 +176,49 @@ def two_node_cell() -> tuple[ChainService, EnvelopeSigner, str, Keypair]:
     return service, EnvelopeSigner(cell_id, LocalChainNode(a, a_key), time_source), b, a_key
 
 
-async def envelopes_of(items: list[chain_pb2.PeerEnvelope]) -> AsyncIterator[chain_pb2.PeerEnvelope]:
+CHAIN_SYNC = chain_pb2.PeerMessage(chain_sync_request=chain_pb2.ChainSyncRequest(from_offset=0))
+
+
+async def one_by_one(items: list[chain_pb2.PeerEnvelope]) -> AsyncIterator[chain_pb2.PeerEnvelope]:
     for item in items:
         await asyncio.sleep(0.01)  # arriving one by one: each is acknowledged on its own
         yield item
 
 
-async def test_received_stream_envelopes_are_handled_in_order_and_acknowledged():
-    service, sender, b, _ = two_node_cell()
-    message = chain_pb2.PeerMessage(chain_sync_request=chain_pb2.ChainSyncRequest(from_offset=0))
-    acks: list[int] = []
+async def at_once(items: list[chain_pb2.PeerEnvelope]) -> AsyncIterator[chain_pb2.PeerEnvelope]:
+    for item in items:
+        yield item  # no pause: the receiver never finds its queue empty until the end
+
+
+async def deliver(service: ChainService, envelopes: AsyncIterator[chain_pb2.PeerEnvelope], acks: list[int]) -> None:
+    """Feeds `envelopes` to `service`'s stream handler; `acks` gets the `handled` counts it acknowledged."""
 
     async def acknowledge(ack: chain_pb2.DeliverAck) -> None:
         acks.append(ack.handled)
 
-    await service.deliver_stream(envelopes_of([sender.seal(b, message) for _ in range(5)]), acknowledge)
+    await service.deliver_stream(envelopes, acknowledge)
+
+
+async def test_received_stream_envelopes_are_handled_in_order_and_acknowledged():
+    service, sender, b, _ = two_node_cell()
+    acks: list[int] = []
+    await deliver(service, one_by_one([sender.seal(b, CHAIN_SYNC) for _ in range(5)]), acks)
     assert acks == [1, 2, 3, 4, 5]
 
 
 async def test_a_steady_flow_is_acknowledged_every_so_often():
     service, sender, b, _ = two_node_cell()
-    message = chain_pb2.PeerMessage(chain_sync_request=chain_pb2.ChainSyncRequest(from_offset=0))
+    count = DELIVER_ACK_EVERY * 2 + 5
     acks: list[int] = []
-
-    async def acknowledge(ack: chain_pb2.DeliverAck) -> None:
-        acks.append(ack.handled)
-
-    async def flood() -> AsyncIterator[chain_pb2.PeerEnvelope]:
-        for _ in range(DELIVER_ACK_EVERY * 2 + 5):
-            yield sender.seal(b, message)  # no pause: the receiver never sees its queue empty
-
-    await service.deliver_stream(flood(), acknowledge)
-    assert acks[:2] == [DELIVER_ACK_EVERY, DELIVER_ACK_EVERY * 2] and acks[-1] == DELIVER_ACK_EVERY * 2 + 5
+    await deliver(service, at_once([sender.seal(b, CHAIN_SYNC) for _ in range(count)]), acks)
+    assert acks == [DELIVER_ACK_EVERY, DELIVER_ACK_EVERY * 2, count]
 
 
 async def test_a_forged_envelope_ends_the_stream_unauthenticated_after_the_good_ones():
     service, sender, b, _ = two_node_cell()
-    message = chain_pb2.PeerMessage(chain_sync_request=chain_pb2.ChainSyncRequest(from_offset=0))
-    forged = sender.seal(b, message)
+    forged = sender.seal(b, CHAIN_SYNC)
     forged.signature = bytes(64)
     acks: list[int] = []
-
-    async def acknowledge(ack: chain_pb2.DeliverAck) -> None:
-        acks.append(ack.handled)
-
     with pytest.raises(Unauthenticated, match="does not verify"):
-        await service.deliver_stream(
-            envelopes_of([sender.seal(b, message), forged, sender.seal(b, message)]), acknowledge
-        )
+        await deliver(service, one_by_one([sender.seal(b, CHAIN_SYNC), forged, sender.seal(b, CHAIN_SYNC)]), acks)
     assert acks == [1]  # the good one before it was handled and acknowledged; nothing after
