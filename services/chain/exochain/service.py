@@ -422,9 +422,7 @@ class PeerLink:
             self.sent += count
             self._done(in_flight, count)
             self._wakeup[urgent].set()
-            if self._reachable is False:
-                log.info("peer %s at %s is reachable again", self.node_id, self.address)
-            self._reachable = True
+            self._reached()
 
     def _done(self, in_flight: deque[tuple[list[int] | None, float]], count: int) -> None:
         """The first `count` envelopes in flight are done: acknowledged or given up on."""
@@ -440,6 +438,11 @@ class PeerLink:
             self._advance_delivered()
         if self._on_progress is not None:
             self._on_progress()
+
+    def _reached(self) -> None:
+        if self._reachable is False:
+            log.info("peer %s at %s is reachable again", self.node_id, self.address)
+        self._reachable = True
 
     def _unreachable(self, failure: BaseException) -> None:
         if self._reachable is not False:
@@ -479,9 +482,7 @@ class PeerLink:
             self._unreachable(exc)
         else:
             self.sent += 1
-            if self._reachable is False:
-                log.info("peer %s at %s is reachable again", self.node_id, self.address)
-            self._reachable = True
+            self._reached()
         finally:
             self._done(in_flight, 1)
             self._wakeup[urgent].set()
