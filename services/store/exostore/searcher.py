@@ -152,14 +152,17 @@ class _Prefetch:
     def add(
         self, chain_page: Sequence[MutationMetadata], pending_page: Sequence[MutationMetadata], wanted: int
     ) -> None:
-        """Prefetches the entities of the first `wanted + PREFETCH_EXTRA` mutations of each first page. The
-        chain page is left unread when the pending page is full (a page may build its mutations as they are
-        read, loading stored documents): its entities are then looked up one by one if aggregated."""
+        """Prefetches the entities of the first `wanted + PREFETCH_EXTRA` mutations of the pending page, and
+        of the chain page as many as the pending page lacks: none when it is full (a page builds its
+        mutations as they are read, loading a stored document for each chain hit, and the pending matches,
+        boosted 5 times, then usually make most of the entity page); the others are looked up one by one if
+        aggregated (without a search for most: see `MutationIndex._without_search`)."""
         if self._pending is None or self._chain is None:
             return
         limit = wanted + PREFETCH_EXTRA
         in_pending = [m.entity_id for m in pending_page[:limit]]
-        in_chain = [] if len(pending_page) >= wanted else list(dict.fromkeys(m.entity_id for m in chain_page[:limit]))
+        from_chain = 0 if len(pending_page) >= wanted else limit - len(in_pending)
+        in_chain = list(dict.fromkeys(m.entity_id for m in chain_page[:from_chain]))
         everyone = list(dict.fromkeys([*in_chain, *in_pending]))
         if len(everyone) > 1:
             self._found[0].update(self._pending(everyone))

@@ -775,6 +775,7 @@ class BatchingFakeIndex(FakeIndex):
         super().__init__(pending)
         self.single_fetches = 0
         self.batch_fetches = 0
+        self.batched: list[list[str]] = []
 
     def fetch_entity_mutations(self, entity_id: str) -> list[MutationMetadata]:
         self.single_fetches += 1
@@ -782,6 +783,7 @@ class BatchingFakeIndex(FakeIndex):
 
     def fetch_entities_mutations(self, entity_ids: list[str]) -> dict[str, list[MutationMetadata]]:
         self.batch_fetches += 1
+        self.batched.append(list(entity_ids))
         return {e: FakeIndex.fetch_entity_mutations(self, e) for e in entity_ids}
 
 
@@ -813,6 +815,23 @@ def test_batched_entity_fetches_give_the_same_results():
     # from the chain index those of its own page when the pending index did not fill its first page
     assert batching.pending.single_fetches < batching.chain.single_fetches
     assert batching.chain.batch_fetches < batching.pending.batch_fetches
+
+
+def test_the_chain_index_prefetches_what_the_pending_page_lacks():
+    """The chain page's entities are batched only as far as the pending page lacks entities (the others are
+    looked up one by one if aggregated): all of them when the pending index matched nothing, none when its
+    page is full. Same results either way."""
+    for in_pending, batched in ((0, 12), (4, 8), (10, None)):
+        stores = [Store(), Store(chain=BatchingFakeIndex(False), pending=BatchingFakeIndex(True))]
+        for store in stores:
+            for i in range(30):
+                store.put(f"c{i}", "t1", op(i), text="word", score=float(40 - i))
+            for i in range(in_pending):
+                store.put(f"p{i}", "t1", op(100 + i), pending=True, text="word", score=1.0)
+        plain, batching = (store.searcher().search(match_query("word")) for store in stores)
+        assert plain == batching
+        chain = stores[1].chain
+        assert chain.batched == ([] if batched is None else [[f"c{i}" for i in range(batched)]])
 
 
 # --- paging with the iteration cap (SPEC 11 item 7) ---------------------------------------------------------
