@@ -84,6 +84,7 @@ from exocommon.clock import Clock, TimeSource
 from exocommon.config import Cell, Role
 from exocommon.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from exocommon.grpc_util import create_channel
+from exocommon.grpc_util.link import LinkHandler, link_registration, parse_request
 from exocommon.ids import PeerId, consistent_clock_id
 from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
 
@@ -1315,9 +1316,25 @@ class ChainLogServicer(chain_pb2_grpc.ChainLogServicer):
         return self._service.status()
 
 
+CHAIN_LOG_LINK_SERVICE = chain_pb2.DESCRIPTOR.services_by_name["ChainLogLink"].full_name
+APPEND_METHOD = "/exocore.chain.v1.ChainLog/Append"
+
+
+def link_handlers(service: ChainService) -> dict[str, LinkHandler]:
+    """`ChainLogLink`: a store's Append calls over one stream, run exactly as `ChainLog.Append`."""
+
+    async def append(body: bytes, time_remaining: float | None) -> bytes:
+        request = parse_request(chain_pb2.AppendRequest, body)
+        operation_ids = await service.append_durably(list(request.entries))
+        return chain_pb2.AppendResponse(operation_ids=operation_ids).SerializeToString()
+
+    return {APPEND_METHOD: append}
+
+
 def registrations(service: ChainService) -> list[tuple[Callable[..., None], object, str]]:
     """What `ServiceServer` serves for `service`."""
     return [
+        link_registration(link_handlers(service), CHAIN_LOG_LINK_SERVICE),
         (
             chain_pb2_grpc.add_ChainPeerServicer_to_server,
             ChainPeerServicer(service),
@@ -1332,6 +1349,8 @@ def registrations(service: ChainService) -> list[tuple[Callable[..., None], obje
 
 
 __all__ = [
+    "APPEND_METHOD",
+    "CHAIN_LOG_LINK_SERVICE",
     "DELIVER_ACK_EVERY",
     "ENVELOPE_MAX_SKEW_NS",
     "ChainLogServicer",
@@ -1343,6 +1362,7 @@ __all__ = [
     "Subscriber",
     "chain_cell_of",
     "chain_events_of",
+    "link_handlers",
     "open_envelope",
     "peer_addresses_of",
     "registrations",

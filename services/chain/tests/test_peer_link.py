@@ -222,3 +222,37 @@ async def test_a_forged_envelope_ends_the_stream_unauthenticated_after_the_good_
     with pytest.raises(Unauthenticated, match="does not verify"):
         await deliver(service, one_by_one([sender.seal(b, CHAIN_SYNC), forged, sender.seal(b, CHAIN_SYNC)]), acks)
     assert acks == [1]  # the good one before it was handled and acknowledged; nothing after
+
+
+# -- ChainLogLink: a store's appends over one stream ----------------------------------------------
+
+
+async def test_appends_over_the_chain_log_link_are_durable_appends_with_chain_log_errors():
+    from exochain.service import APPEND_METHOD, CHAIN_LOG_LINK_SERVICE, registrations
+    from exocommon.grpc_util.link import LinkCallError, LinkClient
+
+    service, _, _, _ = two_node_cell()
+    server = grpc.aio.server()
+    for add, servicer, _name in registrations(service):
+        add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    link = LinkClient(channel, CHAIN_LOG_LINK_SERVICE)
+    try:
+        request = chain_pb2.AppendRequest(entries=[b"one", b"two"]).SerializeToString()
+        ids = list(chain_pb2.AppendResponse.FromString(await link.call(APPEND_METHOD, request, 5.0)).operation_ids)
+        assert len(ids) == 2 and ids == sorted(ids)
+        stored = service.get_operations(ids)
+        # In the pending store, as ChainLog.Append puts them.
+        assert [chain_pb2.Operation.FromString(s.operation.operation_bytes).entry.data for s in stored] == [
+            b"one",
+            b"two",
+        ]
+        with pytest.raises(LinkCallError) as refused:
+            await link.call(APPEND_METHOD, chain_pb2.AppendRequest().SerializeToString(), 5.0)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "at least one entry" in refused.value.details
+    finally:
+        await link.close()
+        await channel.close()
+        await server.stop(None)

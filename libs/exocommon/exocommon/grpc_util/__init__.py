@@ -15,7 +15,7 @@ from .client import (
     deadline,
     wait_ready,
 )
-from .errors import ErrorMappingInterceptor, exception_from_rpc_error
+from .errors import ErrorMappingInterceptor, exception_from_rpc_error, exception_from_status
 from .logging import RequestLoggingInterceptor, configure_logging
 from .server import Registration, ServiceServer, serve
 
@@ -31,6 +31,7 @@ __all__ = [
     "create_channel",
     "deadline",
     "exception_from_rpc_error",
+    "exception_from_status",
     "serve",
     "wait_ready",
 ]

@@ -132,6 +132,11 @@ def exception_from_rpc_error(e: grpc.aio.AioRpcError | grpc.RpcError) -> Exocore
     details = (details_fn() if callable(details_fn) else None) or ""
     if not isinstance(code, grpc.StatusCode):
         return ExocoreError(details or str(e))
+    return exception_from_status(code, details)
+
+
+def exception_from_status(code: grpc.StatusCode, details: str) -> ExocoreError:
+    """The typed `ExocoreError` for a status (e.g. of a call over a link), as `exception_from_rpc_error`."""
     cls = _CODE_TO_CLASS.get(code)
     if cls is None:
         return ExocoreError(f"{code.name}: {details}" if details else code.name)

@@ -196,9 +196,10 @@ class _Stream:
 class LinkClient:
     """The calling side of a link over `channel` (see module docstring). Use from one event loop."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, service: str = LINK_SERVICE) -> None:
+        """`service`: the link service's full name (another service can carry `LinkFrame`s too)."""
         self._open_call = channel.stream_stream(
-            LINK_METHOD,
+            f"/{service}/Calls",
             request_serializer=link_pb2.LinkFrame.SerializeToString,
             response_deserializer=link_pb2.LinkFrame.FromString,
         )
@@ -388,7 +389,7 @@ def parse_request(message_type: Any, body: bytes) -> Any:
         raise InvalidArgument(f"the request is not a valid {message_type.DESCRIPTOR.full_name} message") from None
 
 
-def _add_link_servicer(servicer: LinkServicer, server: grpc.aio.Server) -> None:
+def _add_link_servicer(servicer: LinkServicer, server: grpc.aio.Server, service: str = LINK_SERVICE) -> None:
     handlers = {
         "Calls": grpc.stream_stream_rpc_method_handler(
             servicer.Calls,
@@ -396,10 +397,17 @@ def _add_link_servicer(servicer: LinkServicer, server: grpc.aio.Server) -> None:
             response_serializer=link_pb2.LinkFrame.SerializeToString,
         )
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(LINK_SERVICE, handlers),))
-    server.add_registered_method_handlers(LINK_SERVICE, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
-def link_registration(handlers: Mapping[str, LinkHandler]) -> tuple[Callable[..., None], LinkServicer, str]:
-    """The `ServiceServer` registration of a link serving `handlers`."""
-    return (_add_link_servicer, LinkServicer(handlers), LINK_SERVICE)
+def link_registration(
+    handlers: Mapping[str, LinkHandler], service: str = LINK_SERVICE
+) -> tuple[Callable[..., None], LinkServicer, str]:
+    """The `ServiceServer` registration of a link serving `handlers`, as `service` (a service whose
+    one method is `Calls(stream LinkFrame) returns (stream LinkFrame)`)."""
+
+    def add(servicer: LinkServicer, server: grpc.aio.Server) -> None:
+        _add_link_servicer(servicer, server, service)
+
+    return (add, LinkServicer(handlers), service)
