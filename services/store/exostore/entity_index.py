@@ -41,7 +41,11 @@ Lifecycle
   `H - h < min_depth` or `H - h < leeway`; otherwise every retained block with `H - height >=
   min_depth` goes to the chain index (one commit) and its operations leave the pending index. It
   runs after every batch of events while replaying, and live unless deferred indexing is on; then
-  the store's timer calls it (`deferred_indexing_due`).
+  the store's timer runs a round through `start_chain_indexing` (blocks chosen, documents built and
+  payloads synced on the indexing thread, the chain-index commit on the committer thread, so that
+  event batches keep the pending index going) and `finish_chain_indexing` (operations leave the
+  pending index, progress saved). A batch holding anything but pending operations and newer blocks
+  (a truncation, a block replacing a retained one, a replay's end) ends the round in flight first.
 * `DeleteOperations` mutations: a pending-deletion marker in the pending index; in the chain index
   the listed operations' documents are removed (and their payloads dropped afterwards).
 
@@ -58,15 +62,19 @@ operation), which the watched queries use to re-run only the watches a change ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
@@ -78,12 +86,15 @@ from exocommon.sealed import SealedPayloadError, open_sealed
 from exocore.chain.v1 import chain_pb2
 from exocore.store import entity_pb2, mutation_pb2, query_pb2
 from exostore.aggregator import EntityAggregator
-from exostore.mutation_index import DocumentCache, MutationIndex
+from exostore.mutation_index import DOCUMENT_CACHE_SIZE, DocumentCache, MutationIndex
 from exostore.payloads import BlockRef, PayloadStore, Progress
 from exostore.registry import TraitRegistry, type_name_from_url
 from exostore.schema import IndexSchema
 from exostore.searcher import PENDING_INDEX_BOOST, EntitySearcher
 from exostore.types import DeleteOperationsOperation, IndexOperation, MutationMetadata, index_operations_for
+
+if TYPE_CHECKING:
+    import tantivy
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +234,30 @@ class _RetainedBlock:
     operation_ids: tuple[int, ...]
 
 
+@dataclass(slots=True)
+class _ChainRound:
+    """One round of "index new chain blocks": what `_begin_chain_round` prepared on the indexing thread,
+    committed to the chain index (`future`: on the chain committer thread), then ended by `_end_chain_round`."""
+
+    blocks: list[_RetainedBlock]
+    op_ids: list[int]
+    indexed: list[int]  # operations with a mutation (the others did not decode)
+    ops: list[IndexOperation]
+    docs: list[tantivy.Document | None]
+    changes: list[IndexChange]
+    deleted_targets: list[int]
+    future: Future[int] | None = None
+
+
+def _touches(events: Sequence[IndexEvent], round_: _ChainRound) -> bool:
+    """Whether `events` may change what the chain-indexing round in flight holds: anything but pending
+    operations and blocks after its own (a truncation, a block replacing one of its own, a replay's end)."""
+    last = round_.blocks[-1].ref.offset
+    return any(
+        not isinstance(e, PendingEvent) and not (isinstance(e, BlockEvent) and e.ref.offset > last) for e in events
+    )
+
+
 class _IndexRef:
     """What the searcher sees of an index: always the current one (indices get replaced)."""
 
@@ -284,6 +319,14 @@ class EntityIndex:
         self._retained: dict[int, _RetainedBlock] = {}
         self.caught_up = False
         self.replays = 0
+        # Mutations decoded for the pending index, kept for the chain index (reading back and parsing each
+        # payload again cost the indexing thread as much as building its document); bounded like `_documents`.
+        self._parsed: OrderedDict[int, mutation_pb2.EntityMutation] = OrderedDict()
+        # Deferred chain indexing commits on its own thread (`start_chain_indexing`): the round in flight, and
+        # the update of a round ended by another call than `finish_chain_indexing` (reported by the next one).
+        self._chain_round: _ChainRound | None = None
+        self._committer: ThreadPoolExecutor | None = None
+        self._carried = IndexUpdate()
 
         # Deferred chain indexing (SPEC 3.3): last non-programmatic query, last indexing attempt.
         self._last_user_query = float("-inf")
@@ -394,6 +437,8 @@ class EntityIndex:
 
     def reset_chain_index(self) -> None:
         """Full re-index: empty chain index and progress (payloads are kept: they never change)."""
+        with contextlib.suppress(Exception):  # its blocks are gone with the chain index
+            self._settle_chain_round()
         self.chain.close()
         self._wipe_chain_index_files()
         self.chain = self._new_chain_index()
@@ -401,6 +446,13 @@ class EntityIndex:
         self._retained.clear()
 
     def close(self) -> None:
+        if self._chain_round is not None:
+            try:
+                self._settle_chain_round()
+            except Exception:  # its blocks are indexed again after a restart
+                log.exception("the chain-indexing round in flight failed")
+        if self._committer is not None:
+            self._committer.shutdown()
         self.chain.close()
         self.pending.close()
         if self._building is not None:
@@ -439,6 +491,7 @@ class EntityIndex:
 
     def start_replay(self) -> chain_pb2.SubscribeRequest:
         """Begin building a new pending index; the subscription to open (see module docstring)."""
+        self._settle_chain_round()  # its blocks are about to be forgotten
         if self._building is not None:
             self._building.close()
         self._building = self._new_pending_index()
@@ -509,6 +562,10 @@ class EntityIndex:
                 new.append((op_id, data))
         if new:
             self.payloads.put_many(new)
+        parsed = self._parsed
+        parsed.update(found)
+        while len(parsed) > DOCUMENT_CACHE_SIZE:
+            parsed.popitem(last=False)
         return found
 
     def _skip(self, operation_id: int, why: str) -> None:
@@ -523,6 +580,9 @@ class EntityIndex:
 
     def apply_events(self, events: Sequence[IndexEvent]) -> IndexUpdate:
         """Applies a batch of events (in order) and returns what changed (see module docstring)."""
+        round_ = self._chain_round
+        if round_ is not None and (round_.future is None or round_.future.done() or _touches(events, round_)):
+            self._settle_chain_round()
         update = IndexUpdate()
         batch: list[IndexEvent] = []
         saw_block = False
@@ -546,6 +606,9 @@ class EntityIndex:
         if saw_block and (self._building is not None or self.settings.chain_index_deferred_interval_secs is None):
             update.merge(self.index_chain_blocks())
         self._save_progress(sync=False)
+        if self._carried.indexed or self._carried.changed or self._carried.committed:
+            update.merge(self._carried)
+            self._carried = IndexUpdate()
         update.indexed = list(dict.fromkeys(update.indexed))
         if self._building is not None:
             # Nothing is visible before the swap: report it all then.
@@ -644,12 +707,54 @@ class EntityIndex:
     # -- chain indexing -------------------------------------------------------------------------
 
     def index_chain_blocks(self) -> IndexUpdate:
-        """SPEC "index new chain blocks" (see module docstring)."""
-        update = IndexUpdate()
+        """SPEC "index new chain blocks" (see module docstring), committed on the calling thread (a round
+        in flight is ended first)."""
+        self._settle_chain_round()
+        update, self._carried = self._carried, IndexUpdate()
+        round_ = self._begin_chain_round()
+        if round_ is not None:
+            if round_.ops:
+                self.chain.apply(round_.ops, built=round_.docs)
+            update.merge(self._end_chain_round(round_))
+        return update
+
+    def start_chain_indexing(self) -> Future[int] | None:
+        """Deferred chain indexing: begins a round as `index_chain_blocks` (blocks, documents, payloads
+        synced) and commits it to the chain index on the chain committer thread, while the indexing thread
+        goes on with the pending index (a round of 5 s of writes took ~1 s, during which nothing became
+        searchable). The caller waits for the future, then calls `finish_chain_indexing` on the indexing
+        thread. None: nothing to index now. Events that could touch the round's blocks end it first."""
+        if self._chain_round is not None:
+            return self._chain_round.future
+        round_ = self._begin_chain_round()
+        if round_ is None:
+            return None
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="store-chain-commit")
+        round_.future = self._committer.submit(self.chain.apply, round_.ops, None, round_.docs)
+        self._chain_round = round_
+        return round_.future
+
+    def finish_chain_indexing(self) -> IndexUpdate:
+        """Ends the round started by `start_chain_indexing` (waiting for its commit, raising its error): its
+        operations leave the pending index and the progress names its blocks."""
+        self._settle_chain_round()
+        update, self._carried = self._carried, IndexUpdate()
+        return update
+
+    def _settle_chain_round(self) -> None:
+        round_, self._chain_round = self._chain_round, None
+        if round_ is None:
+            return
+        if round_.future is not None:
+            round_.future.result()
+        self._carried.merge(self._end_chain_round(round_))
+
+    def _begin_chain_round(self) -> _ChainRound | None:
         with self._lock:
             self._last_deferred_attempt = self._monotonic()
         if not self._retained:
-            return update
+            return None
         newest = self.last_block
         assert newest is not None
         top = newest.height
@@ -658,19 +763,27 @@ class EntityIndex:
         if indexed is not None:
             depth = top - indexed.height
             if depth < min_depth or depth < self.settings.chain_index_depth_leeway:
-                return update
+                return None
         blocks = [b for b in self._retained.values() if top - b.ref.height >= min_depth]
         if not blocks:
-            return update
+            return None
 
         op_ids = [op for b in blocks for op in b.operation_ids]
-        mutations = {op: m for op in op_ids if (m := self.payloads.get_mutation(op)) is not None}
+        parsed = self._parsed
+        mutations: dict[int, mutation_pb2.EntityMutation] = {}
+        for op in op_ids:
+            m = parsed.pop(op, None)
+            if m is None:
+                m = self.payloads.get_mutation(op)
+            if m is not None:
+                mutations[op] = m
         self.payloads.sync()
         chain_ops: list[IndexOperation] = []
         redo = [op for b in blocks if self._dedup_upto is not None and b.ref.offset <= self._dedup_upto
                 for op in b.operation_ids]
         if redo:
             chain_ops.append(DeleteOperationsOperation(tuple(redo)))
+        changes: list[IndexChange] = []
         deleted_targets: list[int] = []
         for block in blocks:
             for op in block.operation_ids:
@@ -678,11 +791,15 @@ class EntityIndex:
                 if mutation is None:
                     continue
                 chain_ops.extend(index_operations_for(op, block.ref.offset, mutation, pending=False))
-                update.changes.append(change_of(op, mutation))
+                changes.append(change_of(op, mutation))
                 if mutation.WhichOneof("mutation") == "delete_operations":
                     deleted_targets.extend(mutation.delete_operations.operation_ids)
-        if chain_ops:
-            self.chain.apply(chain_ops, self._documents)
+        docs = self.chain.build_documents(chain_ops, self._documents)
+        return _ChainRound(blocks, op_ids, list(mutations), chain_ops, docs, changes, deleted_targets)
+
+    def _end_chain_round(self, round_: _ChainRound) -> IndexUpdate:
+        """After the round's chain-index commit: its operations leave the pending index(es), progress saved."""
+        blocks, op_ids = round_.blocks, round_.op_ids
         for index, ops_set in ((self.pending, self._pending_ops), (self._building, self._building_ops)):
             if index is None:
                 continue
@@ -691,21 +808,21 @@ class EntityIndex:
                 index.apply([DeleteOperationsOperation(tuple(leaving))])
                 ops_set.difference_update(leaving)
         for block in blocks:
-            del self._retained[block.ref.offset]
+            if self._retained.get(block.ref.offset) is block:
+                del self._retained[block.ref.offset]
         self.progress = replace(self.progress, chain_indexed=blocks[-1].ref, last_block=self.last_block)
         self.payloads.save_progress(self.progress, sync=True)
         if self._dedup_upto is not None and blocks[-1].ref.offset >= self._dedup_upto:
             self._dedup_upto = None
-        if deleted_targets:
-            self.payloads.delete_many(deleted_targets)
-        update.indexed.extend(mutations)
+        if round_.deleted_targets:
+            self.payloads.delete_many(round_.deleted_targets)
         log.info(
             "chain-indexed %d block(s) up to offset %d (%d operation(s))",
             len(blocks),
             blocks[-1].ref.offset,
             len(op_ids),
         )
-        return update
+        return IndexUpdate(indexed=list(round_.indexed), changes=list(round_.changes))
 
     def note_query(self, programmatic: bool) -> None:
         if not programmatic:

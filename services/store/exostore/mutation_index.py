@@ -108,7 +108,9 @@ TIE_LOOKAHEAD = 64  # extra hits a first score-ordered search fetches (see `_sea
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
 SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
 HITS_REMEMBERED = 4096  # disk index: hits read lately, by entity (see `MutationIndex._without_search`)
-DOCUMENT_CACHE_SIZE = 20_000  # pending documents kept for the chain index (~2 KB each for a note)
+# Pending documents kept for the chain index (~2 KB each for a note): a deferred chain-indexing round (5 s)
+# at 10,000 mutations/s takes ~50,000; a missing one is built again on the indexing thread.
+DOCUMENT_CACHE_SIZE = 50_000
 
 
 _INT_BIAS = 1 << 63  # a signed field's page bound is `value + _INT_BIAS` (the searcher's ordering values)
@@ -270,7 +272,8 @@ class DocumentCache:
     indexing thread only."""
 
     def __init__(self, capacity: int = DOCUMENT_CACHE_SIZE) -> None:
-        self._docs: dict[int, tuple[int, tantivy.Document]] = {}
+        # ordered: dropping the oldest of a plain dict scans the holes its earlier removals left (O(capacity))
+        self._docs: OrderedDict[int, tuple[int, tantivy.Document]] = OrderedDict()
         self._capacity = capacity
 
     def __len__(self) -> int:
@@ -284,7 +287,7 @@ class DocumentCache:
         docs = self._docs
         docs[operation_id] = (version, doc)
         while len(docs) > self._capacity:
-            del docs[next(iter(docs))]
+            docs.popitem(last=False)
 
     def take(self, operation_id: int, version: int) -> tantivy.Document | None:
         """Removes and returns the document (the caller may add fields to it)."""
@@ -363,14 +366,22 @@ class MutationIndex:
 
     # --- writing --------------------------------------------------------------------------------------
 
-    def apply(self, ops: Sequence[IndexOperation], documents: DocumentCache | None = None) -> int:
+    def apply(
+        self,
+        ops: Sequence[IndexOperation],
+        documents: DocumentCache | None = None,
+        built: Sequence[tantivy.Document | None] | None = None,
+    ) -> int:
         """Apply index operations in order (one commit), then make them visible to searches.
 
         `documents`: documents of operations without block offset are kept there, and operations with one
-        take theirs from there (see `DocumentCache`). Returns the number of documents added plus the
+        take theirs from there (see `DocumentCache`). `built`: the documents of `ops` already built by
+        `build_documents` (then `documents` is not used). Returns the number of documents added plus the
         number removed by `DeleteOperationsOperation`s."""
         if not ops:
             return 0
+        if built is not None and len(built) != len(ops):
+            raise ValueError("built documents do not match the operations")
         with self._write_lock:
             writer = self._writer
             if writer is None:
@@ -383,7 +394,7 @@ class MutationIndex:
             adds: list[tuple[int, str, _Meta]] = []  # RAM index: documents added and not removed since
             changed = 0
             try:
-                for op in ops:
+                for position, op in enumerate(ops):
                     if isinstance(op, DeleteOperationsOperation):
                         ids = list(dict.fromkeys(op.operation_ids))
                         if not ids:
@@ -412,7 +423,8 @@ class MutationIndex:
                             gone = set(ids)
                             adds = [add for add in adds if add[0] not in gone]
                         continue
-                    doc = self._document_for(op, documents)
+                    prebuilt = built[position] if built is not None else None
+                    doc = prebuilt if prebuilt is not None else self._document_for(op, documents)
                     writer.add_document(doc)
                     operation_id, entity_id = op.operation_id, op.entity_id
                     if single is not None:
@@ -480,6 +492,16 @@ class MutationIndex:
         query = terms_query(self.schema, F_OPERATION_ID, operation_ids)
         hits = searcher.search(query, max(1, 2 * len(operation_ids)), count=False, order_by_field=F_OPERATION_ID).hits
         return [(int(value), self._meta(searcher, int(value), addr)) for value, addr in hits]
+
+    def build_documents(
+        self, ops: Sequence[IndexOperation], documents: DocumentCache | None = None
+    ) -> list[tantivy.Document | None]:
+        """The documents `apply(ops, built=...)` adds (None for a removal), built (or taken from `documents`)
+        on the calling thread: the chain index commits a round on another thread, and building touches the
+        shared document cache and vocabulary, which only the indexing thread writes."""
+        return [
+            None if isinstance(op, DeleteOperationsOperation) else self._document_for(op, documents) for op in ops
+        ]
 
     def _document_for(self, op: IndexOperation, documents: DocumentCache | None) -> tantivy.Document:
         """`op`'s document, shared through `documents` between the pending and the chain index."""

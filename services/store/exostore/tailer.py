@@ -20,7 +20,9 @@ Entries are decrypted by the index with the cell data key; one that does not dec
 logged and skipped (`EntityIndex._decode`).
 
 Deferred chain indexing: when `chain_index_deferred_interval_secs` is set, a timer asks the index
-every interval whether indexing is due (`deferred_indexing_due`) and runs `index_chain_blocks`.
+every interval whether indexing is due (`deferred_indexing_due`); then `start_chain_indexing` prepares
+a round on the indexing thread and commits it on the index's committer thread, so that event batches
+go on meanwhile, and `finish_chain_indexing` ends it on the indexing thread once committed.
 """
 
 from __future__ import annotations
@@ -198,7 +200,11 @@ class ChainTailer:
         while True:
             await asyncio.sleep(interval)
             if self._index.deferred_indexing_due():
-                update = await self._on_indexer(self._index.index_chain_blocks)
+                # The commit runs on the index's own thread: the indexing thread keeps the pending index going.
+                future = await self._on_indexer(self._index.start_chain_indexing)
+                if future is not None:
+                    await asyncio.wait([asyncio.wrap_future(future)])
+                update = await self._on_indexer(self._index.finish_chain_indexing)
                 if update.changed or update.indexed:
                     self._on_update(update)
 

@@ -264,6 +264,40 @@ def test_deferred_indexing_leaves_live_blocks_to_the_timer(tmp_path):
     s.close()
 
 
+def test_deferred_round_commits_on_its_own_thread_while_events_go_on(tmp_path):
+    s = Store(tmp_path, settings(min_depth=1, leeway=1, deferred=5))
+    start(s, GENESIS, block(2, entry(2, put("e", "t", "a"))), caught_up(2))
+    s.index.apply_events([pending(entry(3, put("e3", "t", "b"))), block(3, entry(3, put("e3", "t", "b"))), block(4)])
+    future = s.index.start_chain_indexing()
+    assert future is not None and s.index.start_chain_indexing() is future, "one round at a time"
+    # Pending operations and newer blocks are indexed meanwhile; the round's blocks are not reported yet.
+    update = s.index.apply_events([pending(entry(5, put("e5", "t", "c"))), block(5, entry(5, put("e5", "t", "c")))])
+    assert op(5) in update.indexed and op(5) in s.pending_ops()
+    future.result(timeout=30)
+    update = s.index.finish_chain_indexing()
+    assert s.index.chain_indexed.height == 3 and sorted(update.indexed) == [op(2), op(3)]
+    assert {c.operation_id for c in update.changes} == {op(2), op(3)}
+    assert s.chain_ops() == {op(2), op(3)} and s.pending_ops() == {op(5)}
+    assert s.index.finish_chain_indexing().indexed == [], "nothing left to finish"
+    s = s.reopen()  # the progress names the round's blocks
+    assert s.index.chain_indexed.height == 3
+    s.close()
+
+
+def test_deferred_round_ends_before_a_truncation_and_reports_once(tmp_path):
+    s = Store(tmp_path, settings(min_depth=1, leeway=1, deferred=5))
+    start(s, GENESIS, block(2, entry(2, put("e", "t", "a"))), block(3), caught_up(3))
+    s.index.apply_events([block(4, entry(4, put("e4", "t", "b"))), block(5)])
+    assert s.index.chain_indexed.height == 2
+    assert s.index.start_chain_indexing() is not None  # blocks 3 and 4
+    # A truncation after the round's blocks: the round ends first, its update comes with this batch.
+    update = s.index.apply_events([TruncatedEvent(500)])
+    assert s.index.chain_indexed.height == 4 and update.indexed == [op(4)]
+    assert s.index.retained_offsets == []
+    assert s.index.finish_chain_indexing().indexed == []
+    s.close()
+
+
 def test_deferred_indexing_disabled_with_zero(tmp_path):
     s = Store(tmp_path, settings(min_depth=1, leeway=1, deferred=None))
     start(s, GENESIS, caught_up(1))
