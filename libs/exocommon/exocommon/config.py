@@ -993,28 +993,23 @@ def _wrapped(msg: Message | None, name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class MutationIndexSettings:
-    indexer_num_threads: int = 2
+    # 1, not SPEC 3.10's 2: each commit makes one tantivy segment per writer thread, and the store commits
+    # the pending index per batch of events, so two threads doubled the segments to build and merge (store
+    # CPU per mutation about -20% with one under load; `make bench-store`). With tantivy's default reader
+    # policy one thread also made the reload after each commit wait ~100 ms; the store reloads manually
+    # (`MutationIndex`), which removed that wait.
+    indexer_num_threads: int = 1
     indexer_heap_size_bytes: int = 30_000_000
     entity_mutations_cache_size: int = 5000
 
     @classmethod
-    def from_config(
-        cls, cfg: config_pb2.MutationIndexConfig | None, defaults: MutationIndexSettings | None = None
-    ) -> MutationIndexSettings:
-        d = defaults or cls()
+    def from_config(cls, cfg: config_pb2.MutationIndexConfig | None) -> MutationIndexSettings:
+        d = cls()
         return cls(
             indexer_num_threads=_wrapped(cfg, "indexer_num_threads", d.indexer_num_threads),
             indexer_heap_size_bytes=_wrapped(cfg, "indexer_heap_size_bytes", d.indexer_heap_size_bytes),
             entity_mutations_cache_size=_wrapped(cfg, "entity_mutations_cache_size", d.entity_mutations_cache_size),
         )
-
-
-# The chain index writes with one tantivy thread, not SPEC 3.10's 2: each commit makes one segment per
-# writer thread, so two doubled the segments to build and merge (store CPU per mutation about -20% under
-# load, the same indexing rate), and its commits run in the background, where their latency does not
-# matter. The pending index keeps 2: with one, a commit took ~100 ms longer to become searchable, and
-# every watch notification and `wait_indexed` waited for it (`make bench-store`: 11 -> 108 ms).
-CHAIN_INDEX_DEFAULTS = MutationIndexSettings(indexer_num_threads=1)
 
 
 @dataclass(frozen=True)
@@ -1042,7 +1037,7 @@ class EntityIndexSettings:
     chain_index_deferred_query_secs: int = 15
     chain_index_deferred_max_secs: int = 300
     pending_index: MutationIndexSettings = field(default_factory=MutationIndexSettings)
-    chain_index: MutationIndexSettings = field(default_factory=lambda: CHAIN_INDEX_DEFAULTS)
+    chain_index: MutationIndexSettings = field(default_factory=MutationIndexSettings)
     garbage_collector: GarbageCollectorSettings = field(default_factory=GarbageCollectorSettings)
 
     @classmethod
@@ -1064,7 +1059,7 @@ class EntityIndexSettings:
                 cfg.pending_index if has and cfg.HasField("pending_index") else None
             ),
             chain_index=MutationIndexSettings.from_config(
-                cfg.chain_index if has and cfg.HasField("chain_index") else None, CHAIN_INDEX_DEFAULTS
+                cfg.chain_index if has and cfg.HasField("chain_index") else None
             ),
             garbage_collector=GarbageCollectorSettings.from_config(
                 cfg.garbage_collector if has and cfg.HasField("garbage_collector") else None

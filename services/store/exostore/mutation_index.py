@@ -320,6 +320,10 @@ class MutationIndex:
                 self._index = tantivy.Index(self.schema.tantivy_schema, path=str(self.path), reuse=True)
             except ValueError as exc:  # e.g. created with another pool size: the index must be rebuilt
                 raise FailedPrecondition(f"cannot open the mutation index at {self.path}: {exc}") from exc
+        # Manual: the searcher is reloaded here after each commit (and by `refresh`). With tantivy's default
+        # policy a reload right after a commit could wait ~100 ms for its meta-file watcher (with one writer
+        # thread on every commit): every watch notification and `wait_indexed` waited for it.
+        self._index.config_reader(reload_policy="Manual")
         self.schema.register_analyzers(self._index)
         self._vocabulary = self.schema.vocabulary
         self._analyzer = text_analyzer()  # the indexing thread's own (queries use the schema's)
