@@ -11,7 +11,9 @@ One loop, for as long as the store runs:
 3. read the stream: a reader task queues events (bounded), the indexing loop takes them in batches
    of up to `batch_size` (SPEC `chain_events_batch_size`) and applies each batch on the indexing
    thread, then hands the `IndexUpdate` to `on_update` (mutation tracker, watched queries) on the
-   event loop;
+   event loop. While events keep coming, batches are at least `min_batch_interval_s` apart unless a
+   full one waits (each is a pending-index commit, costly whatever its size); after a quiet spell an
+   event is applied at once;
 4. a `StreamDiscontinuity` resubscribes at once; a failed stream (the chain service restarted,
    UNAVAILABLE) resubscribes after a backoff (0.1 s doubling to 5 s, reset once events flow);
    `FullReindexNeeded` resets the chain index first.
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BATCH_SIZE = 50
+# While events keep coming, a batch is applied at most this often (less when a full batch waits): each
+# applied batch is a commit of the pending index, whose fixed cost (milliseconds of tantivy CPU, most of
+# it merging the segment it adds) dwarfs a mutation's. A batch after a quiet spell goes at once.
+MIN_BATCH_INTERVAL_S = 0.02
 QUEUE_SIZE = 1_000
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
@@ -66,6 +72,7 @@ class ChainTailer:
         on_update: Callable[[IndexUpdate], None],
         *,
         batch_size: int = BATCH_SIZE,
+        min_batch_interval_s: float = MIN_BATCH_INTERVAL_S,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
     ) -> None:
@@ -74,6 +81,7 @@ class ChainTailer:
         self._executor = executor
         self._on_update = on_update
         self._batch_size = batch_size
+        self._min_batch_interval_s = min_batch_interval_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self.caught_up = asyncio.Event()
@@ -139,6 +147,8 @@ class ChainTailer:
         queue: asyncio.Queue[object] = asyncio.Queue(QUEUE_SIZE)
         reader = asyncio.create_task(self._read(call, queue), name="chain-reader")
         progressed = False
+        loop = asyncio.get_running_loop()
+        last_applied = -self._min_batch_interval_s
         try:
             while True:
                 first = await queue.get()
@@ -148,6 +158,9 @@ class ChainTailer:
                     raise grpc.aio.AioRpcError(
                         grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "stream ended"
                     )
+                wait = last_applied + self._min_batch_interval_s - loop.time()
+                if wait > 0 and queue.qsize() + 1 < self._batch_size:
+                    await asyncio.sleep(wait)  # let the batch fill (see MIN_BATCH_INTERVAL_S)
                 batch = [first]
                 ended: object | None = None
                 while len(batch) < self._batch_size and not queue.empty():
@@ -163,6 +176,7 @@ class ChainTailer:
                         log.info("following the chain (subscription %d)", self.subscriptions)
                     self.connected = True
                     progressed = True
+                    last_applied = loop.time()
                     update = await self._on_indexer(self._index.apply_chain_events, events)
                     if update.caught_up:
                         self.caught_up.set()

@@ -1,0 +1,86 @@
+"""The chain tail's batching (`ChainTailer._follow`) against a fake Subscribe stream and a recording
+index: an event after a quiet spell is applied at once, and events that keep coming are gathered into
+few batches (each one is a commit of the pending index) without any being lost or reordered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from exocore.chain.v1 import chain_pb2
+from exostore.tailer import ChainTailer
+
+
+def pending(number: int) -> chain_pb2.ChainEvent:
+    # The recording index only needs to tell events apart: the number rides in the signature bytes.
+    signed = chain_pb2.SignedOperation(signature=number.to_bytes(4, "big"))
+    return chain_pb2.ChainEvent(pending=chain_pb2.PendingOperation(operation=signed))
+
+
+class FakeStub:
+    """Subscribe yields `events` `gap_s` apart, then ends."""
+
+    def __init__(self, events: list[chain_pb2.ChainEvent], gap_s: float) -> None:
+        self.events = events
+        self.gap_s = gap_s
+
+    def Subscribe(self, request: object, timeout: float | None = None) -> AsyncIterator[chain_pb2.ChainEvent]:
+        stub = self
+
+        class Call:
+            def __aiter__(self) -> AsyncIterator[chain_pb2.ChainEvent]:
+                return stub._stream()
+
+            def cancel(self) -> None:
+                pass
+
+        return Call()  # type: ignore[return-value]
+
+    async def _stream(self) -> AsyncIterator[chain_pb2.ChainEvent]:
+        for event in self.events:
+            await asyncio.sleep(self.gap_s)
+            yield event
+
+
+class RecordingIndex:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def apply_chain_events(self, events: list[chain_pb2.ChainEvent]) -> SimpleNamespace:
+        self.batches.append([int.from_bytes(e.pending.operation.signature, "big") for e in events])
+        return SimpleNamespace(caught_up=False)
+
+
+async def follow(events: list[chain_pb2.ChainEvent], gap_s: float, interval_s: float) -> list[list[int]]:
+    index = RecordingIndex()
+    with ThreadPoolExecutor(1) as executor:
+        tailer = ChainTailer(
+            FakeStub(events, gap_s),  # type: ignore[arg-type]
+            index,  # type: ignore[arg-type]
+            executor,
+            lambda update: None,
+            min_batch_interval_s=interval_s,
+        )
+        with pytest.raises(grpc.aio.AioRpcError):  # the fake stream ends: UNAVAILABLE, as a real one
+            await tailer._follow(chain_pb2.SubscribeRequest())
+    return index.batches
+
+
+async def test_events_that_keep_coming_are_applied_in_few_batches_in_order():
+    ids = list(range(1, 31))
+    batches = await follow([pending(i) for i in ids], gap_s=0.002, interval_s=0.3)
+    assert [i for batch in batches for i in batch] == ids
+    assert batches[0] == [1]  # the first one after a quiet spell at once
+    assert len(batches) <= 3  # 30 events within ~0.1 s: the rest waited for the interval together
+
+
+async def test_without_an_interval_each_event_can_be_its_own_batch():
+    ids = list(range(1, 11))
+    batches = await follow([pending(i) for i in ids], gap_s=0.05, interval_s=0.0)
+    assert [i for batch in batches for i in batch] == ids
+    assert len(batches) >= 5  # 50 ms apart and nothing holding them: (nearly) one batch each
