@@ -1,4 +1,6 @@
-"""Many unary calls over one gRPC stream: `exocore.store.v1.StoreLink` (protos/exocore/store/v1/link.proto).
+"""Many unary calls over one gRPC stream: `exocore.store.v1.StoreLink` (protos/exocore/store/v1/link.proto),
+a gateway's link to a store replica; `exocore.chain.v1.ChainLogLink`, a store's to its chain node, is the
+same with another service name (the `service` argument of `LinkClient` and `link_registration`).
 
 A unary call through grpc.aio costs each side a new HTTP/2 stream, several completion-queue events
 and their thread hand-offs: on a gateway, which only passes bytes on, that is most of its CPU per
