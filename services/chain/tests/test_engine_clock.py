@@ -16,7 +16,7 @@ import pytest
 
 from exochain.core.common import NS_PER_S, ChainCell, ChainSyncStatus, EngineConfig, LocalChainNode
 from exochain.core.engine import CLOCK_WARN_INTERVAL_NS, Engine
-from exochain.model import build_genesis
+from exochain.model import BlockView, build_genesis
 from exochain.storage.memory import MemoryChainStore, MemoryMetaStore, MemoryPendingStore
 from exocommon.clock import MockTimeSource
 from exocommon.ids import PeerId, consistent_clock_id
@@ -49,6 +49,15 @@ def make_cell(keypairs: list[Keypair]) -> tuple[ChainCell, Keypair]:
     return ChainCell(node_id(cell_keypair), cell_keypair.public_key, keys, keys), cell_keypair
 
 
+def engine_of(kp: Keypair, cell: ChainCell, genesis: BlockView, time: MockTimeSource) -> Engine:
+    """An engine of node `kp` in `cell`, its chain holding `genesis`, in memory, on `time`."""
+    chain = MemoryChainStore()
+    chain.write_block(genesis)
+    return Engine(
+        EngineConfig(), LocalChainNode(node_id(kp), kp), cell, chain, MemoryPendingStore(), MemoryMetaStore(), time
+    )
+
+
 def test_colliding_clock_ids_get_distinct_slots_the_same_on_every_node():
     a, b = (keypair(s) for s in COLLIDING_SEEDS)
     assert natural_slot(a) == natural_slot(b)
@@ -70,21 +79,7 @@ def test_two_engines_with_colliding_clock_ids_never_issue_the_same_operation_id(
     cell, cell_keypair = make_cell(keypairs)
     genesis = build_genesis(cell.cell_id, cell_keypair)
     time = MockTimeSource(START_NS)  # both nodes at the very same instant
-    engines = []
-    for kp in keypairs:
-        chain = MemoryChainStore()
-        chain.write_block(genesis)
-        engines.append(
-            Engine(
-                EngineConfig(),
-                LocalChainNode(node_id(kp), kp),
-                cell,
-                chain,
-                MemoryPendingStore(),
-                MemoryMetaStore(),
-                time,
-            )
-        )
+    engines = [engine_of(kp, cell, genesis, time) for kp in keypairs]
     ids = [engine.append([b"entry %d" % i for i in range(5)], time.now_ns()) for engine in engines]
     assert not set(ids[0]) & set(ids[1])
     assert {node_digits(i) for i in ids[0]} != {node_digits(i) for i in ids[1]}
@@ -100,21 +95,7 @@ class TwoNodes:
         cell, cell_keypair = make_cell(keypairs)
         genesis = build_genesis(cell.cell_id, cell_keypair)
         self.times = [MockTimeSource(START_NS), MockTimeSource(START_NS + offset_ns)]
-        self.engines = []
-        for kp, time in zip(keypairs, self.times, strict=True):
-            chain = MemoryChainStore()
-            chain.write_block(genesis)
-            self.engines.append(
-                Engine(
-                    EngineConfig(),
-                    LocalChainNode(node_id(kp), kp),
-                    cell,
-                    chain,
-                    MemoryPendingStore(),
-                    MemoryMetaStore(),
-                    time,
-                )
-            )
+        self.engines = [engine_of(kp, cell, genesis, time) for kp, time in zip(keypairs, self.times, strict=True)]
         self.run(20)
         assert [e.chain_sync.status for e in self.engines] == [ChainSyncStatus.SYNCHRONIZED] * 2
 
