@@ -162,3 +162,15 @@ async def test_calls_in_flight_when_the_server_goes_away_fail_and_the_next_call_
                     pytest.fail("the link did not reopen")
             finally:
                 await restarted.stop()
+
+
+def test_the_chain_link_names_are_those_of_the_chain_protos():
+    from exocommon.grpc_util.link import CHAIN_APPEND_METHOD, CHAIN_LOG_LINK_SERVICE
+    from exocore.chain.v1 import chain_pb2
+
+    services = chain_pb2.DESCRIPTOR.services_by_name
+    assert CHAIN_LOG_LINK_SERVICE == services["ChainLogLink"].full_name
+    assert (
+        CHAIN_APPEND_METHOD
+        == f"/{services['ChainLog'].full_name}/{services['ChainLog'].methods_by_name['Append'].name}"
+    )

@@ -84,7 +84,8 @@ from exocommon.clock import Clock, TimeSource
 from exocommon.config import Cell, Role
 from exocommon.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from exocommon.grpc_util import create_channel
-from exocommon.grpc_util.link import LinkHandler, link_registration, parse_request
+from exocommon.grpc_util.link import CHAIN_APPEND_METHOD as APPEND_METHOD
+from exocommon.grpc_util.link import CHAIN_LOG_LINK_SERVICE, LinkHandler, link_registration, parse_request
 from exocommon.ids import PeerId, consistent_clock_id
 from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
 
@@ -1314,10 +1315,6 @@ class ChainLogServicer(chain_pb2_grpc.ChainLogServicer):
         self, request: chain_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> chain_pb2.ChainStatus:
         return self._service.status()
-
-
-CHAIN_LOG_LINK_SERVICE = chain_pb2.DESCRIPTOR.services_by_name["ChainLogLink"].full_name
-APPEND_METHOD = "/exocore.chain.v1.ChainLog/Append"
 
 
 def link_handlers(service: ChainService) -> dict[str, LinkHandler]:

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2
 from exocommon.config import StoreSettings
 from exocommon.errors import ExocoreError, FailedPrecondition
 from exocommon.grpc_util import ServiceServer, configure_logging, create_channel
-from exocommon.grpc_util.link import LinkClient
+from exocommon.grpc_util.link import CHAIN_LOG_LINK_SERVICE, LinkClient
 from exocommon.grpc_util.server import stop_on_signals
 from exocommon.process import EXIT_CONFIG, EXIT_FAILURE, tune_garbage_collector
 from exocommon.sealed import derive_cell_data_key
@@ -44,7 +44,7 @@ from exostore.gc import GarbageCollector, GcConfig
 from exostore.link import store_link_registration
 from exostore.payloads import PayloadStore
 from exostore.registry import TraitRegistry
-from exostore.service import CHAIN_LOG_LINK_SERVICE, SERVICE_NAME, StoreService, registrations
+from exostore.service import SERVICE_NAME, StoreService, registrations
 from exostore.setup import ConfigurationProblem, StoreSetup, load_registry, load_setup
 from exostore.tailer import ChainTailer
 

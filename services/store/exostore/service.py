@@ -31,6 +31,7 @@ import grpc.aio
 
 from exocommon.errors import DeadlineExceeded, ExocoreError, Unavailable
 from exocommon.grpc_util import DEFAULT_DEADLINE_S, exception_from_rpc_error, exception_from_status
+from exocommon.grpc_util.link import CHAIN_APPEND_METHOD as APPEND_METHOD
 from exocommon.grpc_util.link import LinkBroken, LinkCallError, LinkClient
 from exocommon.sealed import seal
 from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
@@ -48,8 +49,6 @@ INDEX_TIMEOUT_S = 5.0  # SPEC mutation_tracker_timeout
 COMMIT_TIMEOUT_S = 30.0  # wait_committed, unless the client's deadline is shorter
 COMMIT_POLL_S = 0.5
 APPEND_DEADLINE_S = DEFAULT_DEADLINE_S
-APPEND_METHOD = f"/{chain_pb2.DESCRIPTOR.services_by_name['ChainLog'].full_name}/Append"
-CHAIN_LOG_LINK_SERVICE = chain_pb2.DESCRIPTOR.services_by_name["ChainLogLink"].full_name
 # An Append that failed so: the chain service is down or stuck, the store's request is not at fault.
 _CHAIN_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 ERROR_IDS_SHOWN = 10

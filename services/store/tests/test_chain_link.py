@@ -12,12 +12,12 @@ import pytest
 
 from exocommon.config import EntityIndexSettings
 from exocommon.errors import InvalidArgument, Unavailable
-from exocommon.grpc_util.link import LinkClient, link_registration
+from exocommon.grpc_util.link import CHAIN_LOG_LINK_SERVICE, LinkClient, link_registration
 from exocore.chain.v1 import chain_pb2, chain_pb2_grpc
 from exostore.entity_index import EntityIndex
 from exostore.payloads import PayloadStore
 from exostore.registry import TraitRegistry
-from exostore.service import APPEND_METHOD, CHAIN_LOG_LINK_SERVICE, StoreService
+from exostore.service import APPEND_METHOD, StoreService
 
 KEY = bytes(range(32))
 

@@ -43,6 +43,8 @@ from exocore.store.v1 import link_pb2
 from .errors import _status_for
 
 __all__ = [
+    "CHAIN_APPEND_METHOD",
+    "CHAIN_LOG_LINK_SERVICE",
     "LINK_METHOD",
     "LINK_SERVICE",
     "PIECE_BYTES",
@@ -57,6 +59,9 @@ __all__ = [
 
 LINK_SERVICE = "exocore.store.v1.StoreLink"
 LINK_METHOD = f"/{LINK_SERVICE}/Calls"
+# A chain node's link for its stores' appends, and the one call it carries (both sides use these).
+CHAIN_LOG_LINK_SERVICE = "exocore.chain.v1.ChainLogLink"
+CHAIN_APPEND_METHOD = "/exocore.chain.v1.ChainLog/Append"
 # Bodies above this travel in pieces; a frame is closed once it holds this much.
 PIECE_BYTES = 256 * 1024
 _FRAME_BYTES = PIECE_BYTES
