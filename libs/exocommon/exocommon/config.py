@@ -1036,6 +1036,9 @@ class EntityIndexSettings:
     chain_index_deferred_interval_secs: int | None = 5
     chain_index_deferred_query_secs: int = 15
     chain_index_deferred_max_secs: int = 300
+    # New: nor while pending writes keep coming (0: no wait), up to this many pending operations (0: no bound).
+    chain_index_deferred_write_secs: int = 2
+    chain_index_deferred_max_pending: int = 200_000
     pending_index: MutationIndexSettings = field(default_factory=MutationIndexSettings)
     chain_index: MutationIndexSettings = field(default_factory=MutationIndexSettings)
     garbage_collector: GarbageCollectorSettings = field(default_factory=GarbageCollectorSettings)
@@ -1054,6 +1057,12 @@ class EntityIndexSettings:
             ),
             chain_index_deferred_max_secs=_wrapped(
                 cfg, "chain_index_deferred_max_secs", d.chain_index_deferred_max_secs
+            ),
+            chain_index_deferred_write_secs=_wrapped(
+                cfg, "chain_index_deferred_write_secs", d.chain_index_deferred_write_secs
+            ),
+            chain_index_deferred_max_pending=_wrapped(
+                cfg, "chain_index_deferred_max_pending", d.chain_index_deferred_max_pending
             ),
             pending_index=MutationIndexSettings.from_config(
                 cfg.pending_index if has and cfg.HasField("pending_index") else None

@@ -77,8 +77,8 @@ ORIGINAL_FIELDS = {
     ),
     ("exocore/core/config.proto", "exocore.core.EntityIndexConfig"): dict(
         chain_index_min_depth=1, chain_index_depth_leeway=2, chain_index_deferred_interval_secs=6,
-        chain_index_deferred_query_secs=7, chain_index_deferred_max_secs=8, pending_index=3, chain_index=4,
-        garbage_collector=5,
+        chain_index_deferred_query_secs=7, chain_index_deferred_max_secs=8, chain_index_deferred_write_secs=9,
+        chain_index_deferred_max_pending=10, pending_index=3, chain_index=4, garbage_collector=5,
     ),
     ("exocore/core/config.proto", "exocore.core.CellConfig"): dict(
         public_key=1, keypair=2, name=3, id=4, nodes=6, apps=7

@@ -116,11 +116,12 @@ class Store:
         )
 
 
-def settings(min_depth: int = 2, leeway: int = 4, deferred: int | None = None) -> EntityIndexSettings:
+def settings(min_depth: int = 2, leeway: int = 4, deferred: int | None = None, **more: int) -> EntityIndexSettings:
     return EntityIndexSettings(
         chain_index_min_depth=min_depth,
         chain_index_depth_leeway=leeway,
         chain_index_deferred_interval_secs=deferred,
+        **more,  # type: ignore[arg-type]
     )
 
 
@@ -244,7 +245,7 @@ def test_deferred_indexing_leaves_live_blocks_to_the_timer(tmp_path):
     s.index.apply_events([block(3, entry(3, put("e3", "t", "b"))), block(4)])
     assert s.index.chain_indexed.height == 1, "live blocks wait for the deferred timer"
 
-    s.clock[0] += 1
+    s.clock[0] += 3  # the last write to the pending index (block 3) is 2 s old
     s.index.note_query(programmatic=True)
     assert s.index.deferred_indexing_due(), "programmatic queries do not delay indexing"
     s.index.note_query(programmatic=False)
@@ -260,6 +261,37 @@ def test_deferred_indexing_leaves_live_blocks_to_the_timer(tmp_path):
     s.index.note_query(programmatic=False)
     assert not s.index.deferred_indexing_due()
     s.clock[0] += 2  # the last attempt is now more than 300 s old
+    assert s.index.deferred_indexing_due()
+    s.close()
+
+
+def test_deferred_indexing_waits_while_writes_come_up_to_a_bound(tmp_path):
+    s = Store(tmp_path, settings(min_depth=1, leeway=1, deferred=5, chain_index_deferred_max_pending=3))
+    start(s, GENESIS, caught_up(1))
+    s.clock[0] += 10
+    assert s.index.deferred_indexing_due(), "no write yet"
+    s.index.apply_events([pending(entry(2, put("e2", "t", "a"))), block(2, entry(2, put("e2", "t", "a")))])
+    s.clock[0] += 1
+    assert not s.index.deferred_indexing_due(), "a write less than 2 s ago delays indexing"
+    s.clock[0] += 1
+    assert s.index.deferred_indexing_due(), "writes stopped 2 s ago"
+    s.index.apply_events([block(3)])
+    s.clock[0] += 1
+    assert s.index.deferred_indexing_due(), "a block whose entries were pending already is no write"
+    s.index.apply_events([pending(entry(n, put(f"e{n}", "t", "b"))) for n in (4, 5)])
+    assert s.index.deferred_indexing_due(), "3 pending operations: the bound holds whatever comes"
+    s.index.index_chain_blocks()
+    assert s.pending_ops() == {op(4), op(5)}
+    s.index.apply_events([pending(entry(6, put("e6", "t", "c")))])
+    s.index.note_query(programmatic=False)
+    assert s.index.deferred_indexing_due(), "the bound holds over user queries too"
+    s.close()
+
+
+def test_deferred_indexing_without_write_wait(tmp_path):
+    s = Store(tmp_path, settings(min_depth=1, leeway=1, deferred=5, chain_index_deferred_write_secs=0))
+    start(s, GENESIS, caught_up(1))
+    s.index.apply_events([pending(entry(2, put("e2", "t", "a")))])
     assert s.index.deferred_indexing_due()
     s.close()
 
