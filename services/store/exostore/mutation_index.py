@@ -566,23 +566,30 @@ class MutationIndex:
             message = self.registry.unpack_trait(trait.message) if mapping is not None and mapping.fields else None
             if message is not None and mapping is not None:
                 add_text, text_kind, string_kind = doc.add_text, ValueKind.TEXT, ValueKind.STRING
-                for mapped, value in mapping.values(message):
+                texts: list[str] = []
+                for mapped in mapping.fields.values():
+                    values = mapped.extract(message)
+                    if not values:
+                        continue
                     kind = mapped.value_kind
-                    if kind is text_kind:
-                        add_text(mapped.name, value)  # type: ignore[arg-type]
-                        add_text(F_ALL_TEXT, value)  # type: ignore[arg-type]
-                        self._vocabulary.add_tokens(self._analyzer.analyze(value))  # type: ignore[arg-type]
-                    elif kind is string_kind:
-                        add_text(mapped.name, value)  # type: ignore[arg-type]
-                    elif kind is ValueKind.REFERENCE:
-                        text = reference_text(*value)  # type: ignore[misc]
-                        add_text(mapped.name, text)
-                        add_text(F_ALL_REFS, text)
-                        has_reference = 1
-                    elif mapped.signed:
-                        doc.add_integer(mapped.name, value)  # type: ignore[arg-type]
-                    else:
-                        doc.add_unsigned(mapped.name, value)  # type: ignore[arg-type]
+                    for value in values:
+                        if kind is text_kind:
+                            add_text(mapped.name, value)  # type: ignore[arg-type]
+                            add_text(F_ALL_TEXT, value)  # type: ignore[arg-type]
+                            texts.append(value)  # type: ignore[arg-type]
+                        elif kind is string_kind:
+                            add_text(mapped.name, value)  # type: ignore[arg-type]
+                        elif kind is ValueKind.REFERENCE:
+                            text = reference_text(*value)  # type: ignore[misc]
+                            add_text(mapped.name, text)
+                            add_text(F_ALL_REFS, text)
+                            has_reference = 1
+                        elif mapped.signed:
+                            doc.add_integer(mapped.name, value)  # type: ignore[arg-type]
+                        else:
+                            doc.add_unsigned(mapped.name, value)  # type: ignore[arg-type]
+                if texts:  # one analysis for all of them: the analyzer splits on spaces anyway
+                    self._vocabulary.add_tokens(self._analyzer.analyze(" ".join(texts)))
         doc.add_unsigned(F_HAS_REFERENCE, has_reference)
 
     def close(self) -> None:

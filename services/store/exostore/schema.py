@@ -39,7 +39,7 @@ import enum
 import hashlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,9 +135,14 @@ class MappedField:
     has_presence: bool = False
     signed: bool = False  # `kind.is_signed`, precomputed (read for every indexed value)
     repeated: bool = False  # one index value per element (never sorted: no single value to sort by)
+    # `field_values` for this field, specialised once (it runs for every mapped field of every document)
+    extract: Callable[[Message], list[str | int | tuple[str, str]]] = field(
+        default=None, compare=False, repr=False  # type: ignore[assignment]
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signed", self.kind.is_signed)
+        object.__setattr__(self, "extract", _extractor(self))
 
     @property
     def attrs(self) -> tuple[str, ...]:
@@ -176,6 +181,49 @@ class TraitMapping:
 
 def field_values(message: Message, mapped: MappedField) -> list[str | int | tuple[str, str]]:
     """The indexable values of one mapped field of `message`: none, one, or one per element."""
+    return mapped.extract(message)
+
+
+def _extractor(mapped: MappedField) -> Callable[[Message], list[str | int | tuple[str, str]]]:
+    """`_field_values` for `mapped`; for a top-level singular field, the same rules without the generic walk
+    (a note's ten mapped fields took ~10 µs per document the generic way)."""
+    if mapped.repeated or len(mapped.descriptors) != 1:
+        return lambda message: _field_values(message, mapped)
+    leaf, kind = mapped.descriptors[0].name, mapped.value_kind
+    if kind is ValueKind.TEXT or kind is ValueKind.STRING:
+        if mapped.has_presence:
+            return lambda message: _field_values(message, mapped)
+
+        def text(message: Message) -> list[str | int | tuple[str, str]]:
+            value = getattr(message, leaf)
+            return [value] if value else []
+
+        return text
+    if kind is ValueKind.TIMESTAMP:
+        absent: list[str | int | tuple[str, str]] = [0] if mapped.sorted else []
+
+        def timestamp(message: Message) -> list[str | int | tuple[str, str]]:
+            if not message.HasField(leaf):
+                return list(absent)
+            value = getattr(message, leaf)
+            return [max(0, value.seconds * 1_000_000_000 + value.nanos)]
+
+        return timestamp
+    if kind is ValueKind.REFERENCE:
+
+        def reference(message: Message) -> list[str | int | tuple[str, str]]:
+            if not message.HasField(leaf):
+                return []
+            value = getattr(message, leaf)
+            return [(value.entity_id, value.trait_id)] if value.entity_id else []
+
+        return reference
+    if mapped.has_presence:
+        return lambda message: [int(getattr(message, leaf))] if message.HasField(leaf) else []
+    return lambda message: [int(getattr(message, leaf))]
+
+
+def _field_values(message: Message, mapped: MappedField) -> list[str | int | tuple[str, str]]:
     if mapped.repeated:
         return _extract_repeated(message, mapped)
     value = _extract(message, mapped)
