@@ -73,6 +73,7 @@ from exostore.schema import (
     ValueKind,
     reference_text,
     text_analyzer,
+    text_words,
 )
 from exostore.types import (
     DeleteOperationsOperation,
@@ -589,7 +590,7 @@ class MutationIndex:
                         else:
                             doc.add_unsigned(mapped.name, value)  # type: ignore[arg-type]
                 if texts:  # one analysis for all of them: the analyzer splits on spaces anyway
-                    self._vocabulary.add_tokens(self._analyzer.analyze(" ".join(texts)))
+                    self._vocabulary.add_tokens(text_words(self._analyzer, " ".join(texts)))
         doc.add_unsigned(F_HAS_REFERENCE, has_reference)
 
     def close(self) -> None:

@@ -399,6 +399,21 @@ def text_analyzer() -> tantivy.TextAnalyzer:
     )
 
 
+# ASCII byte -> itself lowercased if alphanumeric, else a space: `text_words`' fast path
+_ASCII_WORDS = bytes(
+    (c | 0x20 if 65 <= c <= 90 else c) if chr(c).isascii() and chr(c).isalnum() else 32 for c in range(256)
+)
+
+
+def text_words(analyzer: tantivy.TextAnalyzer, text: str) -> list[str]:
+    """The words `analyzer` (a `text_analyzer`) indexes in `text`, for the vocabulary. ASCII text is split
+    without it: the simple tokenizer's tokens are then the runs of ASCII letters and digits, lowercased
+    (~3 µs for a note instead of ~10); tokens of 40 bytes or more stay in, which a superset allows."""
+    if text.isascii():
+        return text.encode().translate(_ASCII_WORDS).decode().split()
+    return list(analyzer.analyze(text))
+
+
 def ref_analyzer() -> tantivy.TextAnalyzer:
     return tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.regex(r"[^ ]+")).build()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from google.protobuf import any_pb2, descriptor_pb2, timestamp_pb2
 from google.protobuf.descriptor import FileDescriptor
@@ -20,6 +22,8 @@ from exostore.schema import (
     osa_distance,
     ref_escape,
     reference_text,
+    text_analyzer,
+    text_words,
 )
 
 TEST_MESSAGE = "exocore.test.TestMessage"
@@ -306,6 +310,21 @@ def _osa(a: str, b: str) -> int:
             if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
                 d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
     return d[len(a)][len(b)]
+
+
+def test_text_words_are_the_analyzer_tokens():
+    analyzer = text_analyzer()
+    rng = random.Random(7)
+    alphabet = "abcXYZ09 ,.!?'-_@\t\n" + "é" * 2 + "Ω"
+    long_word = "x" * 45
+    for text in [f"Hello, World! it's 2 O'Clock_now {long_word} end", "Crème BRÛLÉE, 30 Ωmega"] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 50))) for _ in range(3000)
+    ]:
+        words, tokens = text_words(analyzer, text), analyzer.analyze(text)
+        # the same tokens; on the ASCII path, words of >= 40 bytes too (the index drops them)
+        assert [w for w in words if len(w.encode()) < 40] == tokens, text
+    assert text_words(analyzer, f"a {long_word}") == ["a", long_word]
+    assert text_words(analyzer, "Crème BRÛLÉE") == ["crème", "brûlée"]
 
 
 def test_vocabulary_neighbors():
