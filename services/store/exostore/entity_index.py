@@ -102,6 +102,10 @@ INDEX_ID_FILE = "chain.id"
 # The trait mappings (per type fingerprints) the chain index was built with; see `_open_chain_index`.
 MAPPINGS_FILE = "chain.mappings.json"
 CHAIN_INDEX_DIR = "chain"
+# A deferred chain-index round takes whole blocks up to about this many operations, and the next round
+# follows at once: a round of a whole burst of writes (100,000 notes) held the indexing thread for seconds
+# while it built the documents, and nothing new became searchable meanwhile.
+CHAIN_ROUND_MAX_OPERATIONS = 20_000
 
 
 class FullReindexNeeded(ExocoreError):
@@ -731,7 +735,7 @@ class EntityIndex:
         thread. None: nothing to index now. Events that could touch the round's blocks end it first."""
         if self._chain_round is not None:
             return self._chain_round.future
-        round_ = self._begin_chain_round()
+        round_ = self._begin_chain_round(CHAIN_ROUND_MAX_OPERATIONS)
         if round_ is None:
             return None
         if self._committer is None:
@@ -755,7 +759,17 @@ class EntityIndex:
             round_.future.result()
         self._carried.merge(self._end_chain_round(round_))
 
-    def _begin_chain_round(self) -> _ChainRound | None:
+    @property
+    def chain_backlog(self) -> bool:
+        """Whether blocks deep enough for the chain index are still waiting (a deferred round took at most
+        `CHAIN_ROUND_MAX_OPERATIONS`)."""
+        newest = self.last_block
+        if newest is None or self._chain_round is not None:
+            return False
+        min_depth = self.settings.chain_index_min_depth
+        return any(newest.height - b.ref.height >= min_depth for b in self._retained.values())
+
+    def _begin_chain_round(self, max_operations: int | None = None) -> _ChainRound | None:
         with self._lock:
             self._last_deferred_attempt = self._monotonic()
         if not self._retained:
@@ -772,6 +786,13 @@ class EntityIndex:
         blocks = [b for b in self._retained.values() if top - b.ref.height >= min_depth]
         if not blocks:
             return None
+        if max_operations is not None:
+            total = 0
+            for count, block in enumerate(blocks):
+                total += len(block.operation_ids)
+                if total >= max_operations:
+                    blocks = blocks[: count + 1]
+                    break
 
         op_ids = [op for b in blocks for op in b.operation_ids]
         parsed = self._parsed

@@ -211,8 +211,11 @@ class ChainTailer:
         interval = self._index.settings.chain_index_deferred_interval_secs
         if interval is None:
             return
+        backlog = False
         while True:
-            await asyncio.sleep(interval)
+            if not backlog:
+                await asyncio.sleep(interval)
+            backlog = False
             if self._index.deferred_indexing_due():
                 # The commit runs on the index's own thread: the indexing thread keeps the pending index going.
                 future = await self._on_indexer(self._index.start_chain_indexing)
@@ -221,6 +224,9 @@ class ChainTailer:
                 update = await self._on_indexer(self._index.finish_chain_indexing)
                 if update.changed or update.indexed:
                     self._on_update(update)
+                # A round takes at most CHAIN_ROUND_MAX_OPERATIONS: the next goes at once (the indexing
+                # thread has applied the events queued meanwhile).
+                backlog = future is not None and self._index.chain_backlog
 
 
 __all__ = ["ChainTailer"]

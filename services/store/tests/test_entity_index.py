@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
+import exostore.entity_index as entity_index_module
 from exochain.model import build_genesis, sign_operations
 from exochain.model import new_entry as new_entry_op
 from exocommon.config import EntityIndexSettings
@@ -285,6 +286,27 @@ def test_deferred_indexing_waits_while_writes_come_up_to_a_bound(tmp_path):
     s.index.apply_events([pending(entry(6, put("e6", "t", "c")))])
     s.index.note_query(programmatic=False)
     assert s.index.deferred_indexing_due(), "the bound holds over user queries too"
+    s.close()
+
+
+def test_deferred_rounds_take_a_bounded_number_of_operations(tmp_path, monkeypatch):
+    monkeypatch.setattr(entity_index_module, "CHAIN_ROUND_MAX_OPERATIONS", 3)
+    s = Store(tmp_path, settings(min_depth=1, leeway=1, deferred=5))
+    start(s, GENESIS, caught_up(1))
+    s.index.apply_events(
+        [block(n, *(entry(10 * n + i, put(f"e{n}{i}", "t", "a")) for i in range(2))) for n in (2, 3, 4, 5)]
+        + [block(6)]
+    )
+    assert s.index.chain_backlog
+    rounds = []
+    while s.index.chain_backlog:
+        future = s.index.start_chain_indexing()
+        assert future is not None
+        future.result(timeout=30)
+        rounds.append(sorted(s.index.finish_chain_indexing().indexed))
+    # whole blocks, until the bound is reached: blocks 2 and 3 (4 operations), then 4 and 5
+    assert rounds == [[op(20), op(21), op(30), op(31)], [op(40), op(41), op(50), op(51)]]
+    assert s.index.chain_indexed.height == 5 and s.pending_ops() == set()
     s.close()
 
 
