@@ -106,6 +106,7 @@ CHAIN_INDEX_DIR = "chain"
 # follows at once: a round of a whole burst of writes (100,000 notes) held the indexing thread for seconds
 # while it built the documents, and nothing new became searchable meanwhile.
 CHAIN_ROUND_MAX_OPERATIONS = 20_000
+APPENDED_CACHE_SIZE = 20_000  # see `EntityIndex.remember_appended`
 
 
 class FullReindexNeeded(ExocoreError):
@@ -326,6 +327,9 @@ class EntityIndex:
         # Mutations decoded for the pending index, kept for the chain index (reading back and parsing each
         # payload again cost the indexing thread as much as building its document); bounded like `_documents`.
         self._parsed: OrderedDict[int, mutation_pb2.EntityMutation] = OrderedDict()
+        # What this store appended itself (`remember_appended`, from the event loop): operation id ->
+        # (payload, mutation). Its chain entries come back through the tail: no decryption, no parse.
+        self._appended: dict[int, tuple[bytes, mutation_pb2.EntityMutation]] = {}
         # Deferred chain indexing commits on its own thread (`start_chain_indexing`): the round in flight, and
         # the update of a round ended by another call than `finish_chain_indexing` (reported by the next one).
         self._chain_round: _ChainRound | None = None
@@ -539,13 +543,31 @@ class EntityIndex:
 
     # -- decoding -------------------------------------------------------------------------------
 
+    def remember_appended(
+        self, operation_ids: Sequence[int], payloads: Sequence[bytes], mutations: Sequence[mutation_pb2.EntityMutation]
+    ) -> None:
+        """Mutations this store has just appended (validated, in the order of their operation ids), so that
+        indexing their entries needs neither decryption nor parsing (~10 µs each). Any thread; the oldest
+        are forgotten past `APPENDED_CACHE_SIZE` (say, while the tail is down)."""
+        appended = self._appended
+        for operation_id, payload, mutation in zip(operation_ids, payloads, mutations, strict=True):
+            appended[operation_id] = (payload, mutation)
+        while len(appended) > APPENDED_CACHE_SIZE:
+            appended.pop(next(iter(appended)), None)
+
     def _decode(self, entries: Sequence[ChainEntry]) -> dict[int, mutation_pb2.EntityMutation]:
         """Mutations of `entries` (undecodable ones are logged once and left out); new payloads saved."""
         found: dict[int, mutation_pb2.EntityMutation] = {}
         new: list[tuple[int, bytes]] = []
+        appended = self._appended
         for entry in entries:
             op_id = entry.operation_id
             if op_id in found or op_id in self._undecodable:
+                continue
+            own = appended.pop(op_id, None) if appended else None
+            if own is not None:
+                found[op_id] = own[1]
+                new.append((op_id, own[0]))
                 continue
             stored = self.payloads.get(op_id)
             data = stored

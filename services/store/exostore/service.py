@@ -150,7 +150,10 @@ class StoreService:
         """Seals prepared mutations and appends them together (in one `Append`, maybe with other
         requests' mutations); their operation ids."""
         key = self._key
-        return await self.appends.append([seal(key, m.SerializeToString()) for m in mutations])
+        payloads = [m.SerializeToString() for m in mutations]
+        operation_ids = await self.appends.append([seal(key, p) for p in payloads])
+        self.index.remember_appended(operation_ids, payloads, mutations)
+        return operation_ids
 
     async def _append_entries(self, entries: list[bytes]) -> list[int]:
         link = self.chain_link

@@ -216,6 +216,33 @@ def test_a_block_entry_already_pending_is_not_read_back(store, monkeypatch):
     assert update.indexed == [op(2)] and update.committed == [op(1), op(2)]
 
 
+def test_own_appended_mutations_are_indexed_without_decrypting(store, monkeypatch):
+    start(store, GENESIS, caught_up(1))
+    mine, theirs = put("e1", "t1", "mine"), put("e2", "t2", "theirs")
+    store.index.remember_appended([op(1)], [mine.SerializeToString()], [mine])
+    opened: list[bytes] = []
+    real_open = entity_index_module.open_sealed
+
+    def open_sealed(key: bytes, data: bytes) -> bytes:
+        opened.append(real_open(key, data))
+        return opened[-1]
+
+    monkeypatch.setattr(entity_index_module, "open_sealed", open_sealed)
+    update = store.index.apply_events([pending(entry(1, mine)), pending(entry(2, theirs))])
+    assert sorted(update.indexed) == [op(1), op(2)]
+    assert opened == [theirs.SerializeToString()], "only the other node's entry is decrypted"
+    assert store.entities() == [("e1", ["mine"]), ("e2", ["theirs"])]
+    assert store.payloads.get(op(1)) == mine.SerializeToString(), "the payload is kept as any other"
+    assert store.index._appended == {}, "used once"
+
+
+def test_remembered_appends_are_bounded(store, monkeypatch):
+    monkeypatch.setattr(entity_index_module, "APPENDED_CACHE_SIZE", 2)
+    mutations = [put(f"e{i}", "t", "x") for i in range(3)]
+    store.index.remember_appended([op(i) for i in range(3)], [m.SerializeToString() for m in mutations], mutations)
+    assert list(store.index._appended) == [op(1), op(2)], "the oldest is forgotten"
+
+
 def test_undecodable_entries_are_logged_and_skipped(store, caplog):
     caplog.set_level(logging.WARNING)
     start(store, GENESIS, caught_up(1))
