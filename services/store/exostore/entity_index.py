@@ -549,9 +549,10 @@ class EntityIndex:
         """Mutations this store has just appended (validated, in the order of their operation ids), so that
         indexing their entries needs neither decryption nor parsing (~10 µs each). Any thread; the oldest
         are forgotten past `APPENDED_CACHE_SIZE` (say, while the tail is down)."""
-        appended = self._appended
+        appended, indexed = self._appended, self._pending_ops
         for operation_id, payload, mutation in zip(operation_ids, payloads, mutations, strict=True):
-            appended[operation_id] = (payload, mutation)
+            if operation_id not in indexed:  # the tail may have been quicker than the Append's answer
+                appended[operation_id] = (payload, mutation)
         while len(appended) > APPENDED_CACHE_SIZE:
             appended.pop(next(iter(appended)), None)
 

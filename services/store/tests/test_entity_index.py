@@ -243,6 +243,14 @@ def test_remembered_appends_are_bounded(store, monkeypatch):
     assert list(store.index._appended) == [op(1), op(2)], "the oldest is forgotten"
 
 
+def test_appends_the_tail_indexed_first_are_not_remembered(store):
+    start(store, GENESIS, caught_up(1))
+    mine = put("e1", "t1", "mine")
+    store.index.apply_events([pending(entry(1, mine))])
+    store.index.remember_appended([op(1)], [mine.SerializeToString()], [mine])
+    assert store.index._appended == {}
+
+
 def test_undecodable_entries_are_logged_and_skipped(store, caplog):
     caplog.set_level(logging.WARNING)
     start(store, GENESIS, caught_up(1))
