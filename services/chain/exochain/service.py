@@ -23,9 +23,11 @@ Theory of operation
   storage sync covers its writes, and an `Append` is answered after that sync too. One sync runs at
   a time, in a worker thread, for everything written since the previous one: under load, many
   appends and messages share one disk flush, and the event loop never waits for the disk. When
-  inputs are sparse and nothing waits, the sync runs on the event loop at once instead (the
-  thread's hops would cost more than the sync). (With a storage whose writes are durable when they
-  return, as in tests, outputs go out at once.)
+  nothing waits and either inputs are sparse or the input is the only append under way, the sync
+  runs on the event loop at once instead (the thread's hops would cost more than the sync). (With a
+  storage whose writes are durable when they return, as in tests, outputs go out at once.)
+* **Answer first.** An append is answered once its entries are durable; their push to the peers
+  and the commit round they may allow (`Engine.after_append`) run right after, as an urgent input.
 * **Peer links.** Each other chain node gets a `PeerLink`: bounded queues (the oldest message is
   dropped when one is full; pending sync and chain sync are anti-entropy protocols, so a lost
   message is repaired by a later round) and one task that signs each message in a `PeerEnvelope`
@@ -697,7 +699,9 @@ class ChainService:
         self._inputs_ready = asyncio.Event()
         self._inputs_task: asyncio.Task[None] | None = None
         self._input_running = False
-        self._commit_round_scheduled = False
+        self._after_append_pending = False
+        # Appends between their call and their answer (a lone one syncs on the loop: `_idle_for_sync`).
+        self._appends_under_way = 0
         self._last_input_at = 0.0
         self._inputs_sparse = True  # the last input came long after the one before (see `_idle_for_sync`)
 
@@ -825,7 +829,8 @@ class ChainService:
                 self._input_running = False
             await asyncio.sleep(0)
 
-    def _after_input(self) -> None:
+    def _after_input(self, lone_append: bool = False) -> None:
+        """`lone_append`: the input was an append and no other append is under way (see `_idle_for_sync`)."""
         outbox = self.engine.take_outbox()
         events = self.engine.take_events()
         if any(isinstance(event, NewBlocks) for event in events):
@@ -836,23 +841,27 @@ class ChainService:
         elif outbox or events:
             # Sent and published once a sync covers the writes they depend on (and in order).
             self._held.append((outbox, events))
-            if self._idle_for_sync():
+            if self._idle_for_sync(lone_append):
                 self._sync_now()
             else:
                 self._sync_wanted.set()
 
-    def _idle_for_sync(self) -> bool:
-        """Inputs are sparse, no sync is under way and no input waits: a sync right away on the loop
-        costs less than the worker thread's hops (see `durable`). Under load, a sync on the loop
-        would stop everything for the disk's latency (milliseconds when the nodes all sync)."""
-        return self._inputs_sparse and not self._sync_running and not self._urgent_inputs and not self._bulk_inputs
+    def _idle_for_sync(self, lone_append: bool = False) -> bool:
+        """No sync is under way, no input waits, and either inputs are sparse or this is the only
+        append under way (nothing could share its sync: one client appending in sequence, or paced
+        appends between ticks and peer messages, which make inputs look dense): a sync right away on
+        the loop costs less than the worker thread's hops (see `durable`). Under load, a sync on the
+        loop would stop everything for the disk's latency (milliseconds when the nodes all sync)."""
+        if self._sync_running or self._urgent_inputs or self._bulk_inputs:
+            return False
+        return self._inputs_sparse or lone_append
 
-    async def durable(self) -> None:
+    async def durable(self, lone_append: bool = False) -> None:
         """Returns once every write made so far is durable (at once without group commit)."""
         durability = self._durability
         if durability is None or not durability.has_unsynced_writes():
             return
-        if self._idle_for_sync():
+        if self._idle_for_sync(lone_append):
             # Idle (nothing else to do, no sync under way): sync here, on the event loop. The worker
             # thread's hop and the loop's wake-ups would cost more than the sync itself; group
             # commit pays when inputs pile up, which is when the thread is used.
@@ -939,29 +948,38 @@ class ChainService:
     async def append_durably(self, entries: Sequence[bytes]) -> list[int]:
         """Appends entries (once replication has room for them); their ids are durable on this node
         when this returns."""
-        await self._replication_room()
-        await self._commit_room()
-        operation_ids = await self._input(lambda: self.append(entries, commit_round=False))
-        await self.durable()
-        # The proposal these entries may allow is made once the answer is on its way.
-        self._commit_round_after_append()
+        appended = False
+        self._appends_under_way += 1
+        try:
+            await self._replication_room()
+            await self._commit_room()
+            operation_ids = await self._input(lambda: self.append(entries, deferred=True))
+            appended = True
+            await self.durable(lone_append=self._appends_under_way == 1)
+        finally:
+            self._appends_under_way -= 1
+            if appended:
+                # The push of these entries to the peers, and the proposal they may allow, are made
+                # once the answer is on its way (grpc sends it in this step; this input runs after).
+                # Even if the caller gave up meanwhile: its outputs wait for the sync anyway.
+                self._after_append_scheduled()
         return operation_ids
 
-    def _commit_round_after_append(self) -> None:
-        def commit_round() -> None:
-            self.engine.commit_round(self._now_ns())
+    def _after_append_scheduled(self) -> None:
+        def after_append() -> None:
+            self.engine.after_append(self._now_ns())
             self._after_input()
 
         if self._inputs_task is None:
-            commit_round()
+            after_append()
             return
-        if self._commit_round_scheduled:
+        if self._after_append_pending:
             return  # one is already waiting: it will see these entries too
-        self._commit_round_scheduled = True
+        self._after_append_pending = True
 
         def run() -> None:
-            self._commit_round_scheduled = False  # from here on, new entries need a new round
-            commit_round()
+            self._after_append_pending = False  # from here on, new entries need a new round
+            after_append()
 
         task = asyncio.ensure_future(self._input(run, urgent=True))
         task.add_done_callback(_log_failure)
@@ -1007,8 +1025,9 @@ class ChainService:
             except TimeoutError:
                 pass
 
-    def append(self, entries: Sequence[bytes], commit_round: bool = True) -> list[int]:
-        """Appends entries; durable when this returns without group commit, else after `durable()`."""
+    def append(self, entries: Sequence[bytes], deferred: bool = False) -> list[int]:
+        """Appends entries; durable when this returns without group commit, else after `durable()`.
+        `deferred`: the push to the peers and the commit round wait for `_after_append_scheduled`."""
         if not entries:
             raise InvalidArgument("append needs at least one entry")
         if len(entries) > APPEND_MAX_ENTRIES:
@@ -1017,9 +1036,9 @@ class ChainService:
             if len(data) > MAX_ENTRY_BYTES:
                 raise InvalidArgument(f"entry {index} has {len(data)} bytes, over the {MAX_ENTRY_BYTES} limit")
         try:
-            return self.engine.append(list(entries), self._now_ns(), commit_round)
+            return self.engine.append(list(entries), self._now_ns(), deferred)
         finally:
-            self._after_input()
+            self._after_input(lone_append=self._appends_under_way <= 1)
 
     async def deliver_scheduled(self, envelope: chain_pb2.PeerEnvelope) -> None:
         """`deliver` through the input scheduler, urgent first if the sender says so (the envelope is

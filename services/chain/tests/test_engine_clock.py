@@ -6,6 +6,8 @@
   `ChainCell.clock_slot` gives every node of the cell its own slot.
 * Clock disagreement is reported (SPEC 11 gap 18): ids follow their author's wall clock, so a node
   receiving operations dated after its own clock logs it.
+
+And, with the same two-node setup, a deferred append (the shell answers before it pushes).
 """
 
 from __future__ import annotations
@@ -147,3 +149,22 @@ def test_clocks_a_few_hundred_ms_apart_say_nothing(caplog: pytest.LogCaptureFixt
         nodes.append(1)
         nodes.append(0)
     assert clock_warnings(caplog) == []
+
+
+def test_a_deferred_append_is_pushed_by_after_append_one_push_per_append():
+    nodes = TwoNodes(offset_ns=0)
+    engine, peer = nodes.engines
+    now = nodes.times[0].now_ns()
+    first = engine.append([b"a"], now, deferred=True)
+    assert engine.take_outbox() == []  # stored (and reported) but not sent yet
+    assert [type(e).__name__ for e in engine.take_events()] == ["NewPendingOperations"]
+    second = engine.append([b"b", b"c"], now, deferred=True)
+    assert engine.take_outbox() == []
+    engine.after_append(now)
+    pushes = [out for out in engine.take_outbox() if out.message.WhichOneof("kind") == "pending_sync"]
+    assert [out.own_up_to for out in pushes] == [first[-1], second[-1]]
+    for out in pushes:
+        peer.on_message(engine.local.node_id, out.message, nodes.times[1].now_ns())
+    assert all(peer.pending.get(i) is not None for i in first + second)
+    engine.after_append(now)  # nothing left to push
+    assert not [out for out in engine.take_outbox() if out.message.WhichOneof("kind") == "pending_sync"]

@@ -274,6 +274,7 @@ class FakeDurability:
         self.syncs = 0
         self.proceed = threading.Event()
         self.proceed.set()
+        self.threads: list[str] = []  # the thread of each sync
 
     def has_unsynced_writes(self) -> bool:
         return self.unsynced
@@ -282,6 +283,7 @@ class FakeDurability:
         assert self.proceed.wait(5)
         self.syncs += 1
         self.unsynced = False
+        self.threads.append(threading.current_thread().name)
 
 
 async def test_group_commit_answers_appends_and_publishes_only_after_a_sync():
@@ -320,6 +322,48 @@ async def test_group_commit_answers_appends_and_publishes_only_after_a_sync():
     finally:
         sync_task.cancel()
         await stream.aclose()
+
+
+class UnsyncedOnAppend(FakeDurability):
+    """Every append leaves an unsynced write (as LevelDB without sync does)."""
+
+    def __init__(self, service: ChainService) -> None:
+        super().__init__()
+        put = service.engine.pending.put
+
+        def put_unsynced(ops):  # type: ignore[no-untyped-def]
+            self.unsynced = True
+            return put(ops)
+
+        service.engine.pending.put = put_unsynced  # type: ignore[method-assign]
+
+
+async def test_a_lone_append_syncs_on_the_loop_even_among_dense_inputs_and_concurrent_ones_share_the_thread():
+    service = one_node_service()
+    durability = UnsyncedOnAppend(service)
+    service._durability = durability  # type: ignore[attr-defined]
+    service._sync_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sync")  # type: ignore[attr-defined]
+    sync_task = asyncio.create_task(service._sync_loop())  # type: ignore[attr-defined]
+    try:
+        main = threading.current_thread().name
+
+        async def dense_input(work, urgent=False):  # type: ignore[no-untyped-def]
+            # Inputs look dense (as with ticks and peer messages between paced appends); the loop
+            # serves other tasks before each.
+            await asyncio.sleep(0)
+            service._inputs_sparse = False  # type: ignore[attr-defined]
+            return work()
+
+        service._input = dense_input  # type: ignore[method-assign]
+        ids = await service.append_durably([b"x"])
+        assert durability.threads == [main] and service.engine.pending.get(ids[0]) is not None
+        # Two appends under way at once: the sync goes to the worker thread.
+        durability.threads.clear()
+        await asyncio.gather(service.append_durably([b"y"]), service.append_durably([b"z"]))
+        assert durability.threads and durability.threads[0].startswith("sync")
+        assert not durability.unsynced
+    finally:
+        sync_task.cancel()
 
 
 async def test_queued_pending_batches_go_out_as_one_event():

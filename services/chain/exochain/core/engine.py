@@ -9,13 +9,13 @@ Order inside a tick, as the original: chain sync first; the commit manager and t
 only run while the chain is synchronized (so a node that is behind never signs or revives stale
 operations); an out-of-sync verdict from the commit manager resets chain sync.
 
-Beyond the original, the commit manager also runs right after an append (`commit_round`, which the
-shell runs once the append is answered) and after a message that brought new pending operations (a
-proposal, a vote; entries when they matter to it), without its cleanup: each step of a
-commit (propose, sign, commit, next proposal) then follows the message that enables it instead of
-waiting for the next tick of the node concerned. Its rounds cost what changed (see
-`CommitIndex`), so running it that often is cheap. Its own new operations (proposals, votes) are
-pushed as urgent messages.
+Beyond the original, the commit manager also runs right after an append (`after_append`, with the
+push of the new entries to the peers; the shell runs it once the append is answered) and after a
+message that brought new pending operations (a proposal, a vote; entries when they matter to it),
+without its cleanup: each step of a commit (propose, sign, commit, next proposal) then follows the
+message that enables it instead of waiting for the next tick of the node concerned. Its rounds cost
+what changed (see `CommitIndex`), so running it that often is cheap. Its own new operations
+(proposals, votes) are pushed as urgent messages.
 
 Clocks (SPEC 11 gap 18): operation ids are consistent timestamps of their author's wall clock, and
 the newest id of a trait wins, so a write made through a node whose clock is behind, after a write
@@ -138,6 +138,8 @@ class Engine:
             proposer_signs_last=True,
         )
         self._outbox: list[Outgoing] = []
+        # Batches of local entries appended with `deferred`, not pushed yet (see `after_append`).
+        self._unpushed: list[list[SignedOp]] = []
         self._events: list[EngineEvent] = []
         # Per chain peer: the highest local entry id the shell delivered to it (`peer_received`).
         self._peers_received: dict[str, int] = {}
@@ -148,10 +150,11 @@ class Engine:
 
     # -- inputs -------------------------------------------------------------------------------
 
-    def append(self, entries: Sequence[bytes], now_ns: int, commit_round: bool = True) -> list[int]:
-        """New entries of this node: signed as one batch and stored durably before returning their ids.
-        `commit_round`: then run `commit_round` (a shell that answers first and runs it right after
-        passes False)."""
+    def append(self, entries: Sequence[bytes], now_ns: int, deferred: bool = False) -> list[int]:
+        """New entries of this node: signed as one batch and stored durably before returning their ids,
+        then pushed to the peers and followed by a commit round (`after_append`). `deferred`: the
+        caller runs `after_append` itself (a shell answers the append first: the pushes and the
+        round are not needed for the answer, and cost a tenth of an idle node's append)."""
         if not entries:
             raise InvalidArgument("append needs at least one entry")
         for index, data in enumerate(entries):
@@ -163,12 +166,24 @@ class Engine:
         ops = sign_operations(operations, self.local.keypair)
         self.pending.put(ops)
         self._events.append(NewPendingOperations(ops))
+        self._unpushed.append(ops)
+        if not deferred:
+            self.after_append(now_ns)
+        return [op.operation_id for op in ops]
+
+    def after_append(self, now_ns: int) -> None:
+        """Pushes the entries appended since the last call (one push per append, as they were
+        signed), then runs `commit_round`."""
+        batches, self._unpushed = self._unpushed, []
         # Pushed right away while synchronized; otherwise the periodic range sync carries them later.
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
-            self._outbox.extend(self.pending_sync.handle_new_operations(ops, now_ns))
-        if commit_round:
-            self.commit_round(now_ns)
-        return [op.operation_id for op in ops]
+            pending = self.pending
+            for ops in batches:
+                # Always all of them in practice; a cleanup between the append and this call could
+                # only have removed entries committed meanwhile (their peers have them).
+                stored = [op for op in ops if pending.get(op.operation_id) is not None]
+                self._outbox.extend(self.pending_sync.handle_new_operations(stored, now_ns))
+        self.commit_round(now_ns)
 
     def commit_round(self, now_ns: int) -> None:
         """After local appends: if it is our turn and enough entries wait, the proposal goes out now,
