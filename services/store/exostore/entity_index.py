@@ -327,9 +327,9 @@ class EntityIndex:
         # Mutations decoded for the pending index, kept for the chain index (reading back and parsing each
         # payload again cost the indexing thread as much as building its document); bounded like `_documents`.
         self._parsed: OrderedDict[int, mutation_pb2.EntityMutation] = OrderedDict()
-        # What this store appended itself (`remember_appended`, from the event loop): operation id ->
+        # What this store appended itself (`remember_appended`, from the event loop): sealed entry ->
         # (payload, mutation). Its chain entries come back through the tail: no decryption, no parse.
-        self._appended: dict[int, tuple[bytes, mutation_pb2.EntityMutation]] = {}
+        self._appended: dict[bytes, tuple[bytes, mutation_pb2.EntityMutation]] = {}
         # Deferred chain indexing commits on its own thread (`start_chain_indexing`): the round in flight, and
         # the update of a round ended by another call than `finish_chain_indexing` (reported by the next one).
         self._chain_round: _ChainRound | None = None
@@ -544,15 +544,16 @@ class EntityIndex:
     # -- decoding -------------------------------------------------------------------------------
 
     def remember_appended(
-        self, operation_ids: Sequence[int], payloads: Sequence[bytes], mutations: Sequence[mutation_pb2.EntityMutation]
+        self, entries: Sequence[bytes], payloads: Sequence[bytes], mutations: Sequence[mutation_pb2.EntityMutation]
     ) -> None:
-        """Mutations this store has just appended (validated, in the order of their operation ids), so that
-        indexing their entries needs neither decryption nor parsing (~10 µs each). Any thread; the oldest
-        are forgotten past `APPENDED_CACHE_SIZE` (say, while the tail is down)."""
-        appended, indexed = self._appended, self._pending_ops
-        for operation_id, payload, mutation in zip(operation_ids, payloads, mutations, strict=True):
-            if operation_id not in indexed:  # the tail may have been quicker than the Append's answer
-                appended[operation_id] = (payload, mutation)
+        """Mutations this store is about to append (validated; their sealed chain entries, payloads), so that
+        indexing their entries when the tail brings them needs neither decryption nor parsing (~10 µs each).
+        Keyed by the sealed entry (unique: a random nonce each), known before the Append answers, which
+        the tail often beats. Any thread; the oldest are forgotten past `APPENDED_CACHE_SIZE` (say, an
+        Append that failed, or while the tail is down)."""
+        appended = self._appended
+        for entry, payload, mutation in zip(entries, payloads, mutations, strict=True):
+            appended[entry] = (payload, mutation)
         while len(appended) > APPENDED_CACHE_SIZE:
             appended.pop(next(iter(appended)), None)
 
@@ -565,7 +566,7 @@ class EntityIndex:
             op_id = entry.operation_id
             if op_id in found or op_id in self._undecodable:
                 continue
-            own = appended.pop(op_id, None) if appended else None
+            own = appended.pop(entry.data, None) if appended else None
             if own is not None:
                 found[op_id] = own[1]
                 new.append((op_id, own[0]))

@@ -151,9 +151,9 @@ class StoreService:
         requests' mutations); their operation ids."""
         key = self._key
         payloads = [m.SerializeToString() for m in mutations]
-        operation_ids = await self.appends.append([seal(key, p) for p in payloads])
-        self.index.remember_appended(operation_ids, payloads, mutations)
-        return operation_ids
+        entries = [seal(key, p) for p in payloads]
+        self.index.remember_appended(entries, payloads, mutations)
+        return await self.appends.append(entries)
 
     async def _append_entries(self, entries: list[bytes]) -> list[int]:
         link = self.chain_link

@@ -219,7 +219,8 @@ def test_a_block_entry_already_pending_is_not_read_back(store, monkeypatch):
 def test_own_appended_mutations_are_indexed_without_decrypting(store, monkeypatch):
     start(store, GENESIS, caught_up(1))
     mine, theirs = put("e1", "t1", "mine"), put("e2", "t2", "theirs")
-    store.index.remember_appended([op(1)], [mine.SerializeToString()], [mine])
+    appended = entry(1, mine)
+    store.index.remember_appended([appended.data], [mine.SerializeToString()], [mine])
     opened: list[bytes] = []
     real_open = entity_index_module.open_sealed
 
@@ -228,7 +229,7 @@ def test_own_appended_mutations_are_indexed_without_decrypting(store, monkeypatc
         return opened[-1]
 
     monkeypatch.setattr(entity_index_module, "open_sealed", open_sealed)
-    update = store.index.apply_events([pending(entry(1, mine)), pending(entry(2, theirs))])
+    update = store.index.apply_events([pending(appended), pending(entry(2, theirs))])
     assert sorted(update.indexed) == [op(1), op(2)]
     assert opened == [theirs.SerializeToString()], "only the other node's entry is decrypted"
     assert store.entities() == [("e1", ["mine"]), ("e2", ["theirs"])]
@@ -239,16 +240,9 @@ def test_own_appended_mutations_are_indexed_without_decrypting(store, monkeypatc
 def test_remembered_appends_are_bounded(store, monkeypatch):
     monkeypatch.setattr(entity_index_module, "APPENDED_CACHE_SIZE", 2)
     mutations = [put(f"e{i}", "t", "x") for i in range(3)]
-    store.index.remember_appended([op(i) for i in range(3)], [m.SerializeToString() for m in mutations], mutations)
-    assert list(store.index._appended) == [op(1), op(2)], "the oldest is forgotten"
-
-
-def test_appends_the_tail_indexed_first_are_not_remembered(store):
-    start(store, GENESIS, caught_up(1))
-    mine = put("e1", "t1", "mine")
-    store.index.apply_events([pending(entry(1, mine))])
-    store.index.remember_appended([op(1)], [mine.SerializeToString()], [mine])
-    assert store.index._appended == {}
+    entries = [b"sealed 0", b"sealed 1", b"sealed 2"]
+    store.index.remember_appended(entries, [m.SerializeToString() for m in mutations], mutations)
+    assert list(store.index._appended) == entries[1:], "the oldest is forgotten"
 
 
 def test_undecodable_entries_are_logged_and_skipped(store, caplog):
