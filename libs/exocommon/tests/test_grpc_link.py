@@ -63,9 +63,9 @@ async def link_server(handlers: Handlers | None, **kwargs) -> AsyncIterator[Serv
 
 
 @contextlib.asynccontextmanager
-async def link_client(address: str) -> AsyncIterator[LinkClient]:
+async def link_client(address: str, **kwargs) -> AsyncIterator[LinkClient]:
     channel = create_channel(address, retry=False)
-    client = LinkClient(channel)
+    client = LinkClient(channel, **kwargs)
     try:
         yield client
     finally:
@@ -82,6 +82,38 @@ async def test_concurrent_calls_share_one_stream_and_get_their_own_answers():
         assert all(r is not None and 0 < r <= 5.0 for r in handlers.remaining)
         assert await client.call(ECHO, b"", None) == b"echo:"
         assert handlers.remaining[-1] is None
+
+
+async def test_with_enough_calls_in_flight_a_frame_waits_for_more_calls():
+    handlers = Handlers()
+    async with (
+        link_server(handlers) as server,
+        link_client(server.address, gather_s=1.0, gather_min_in_flight=2) as client,
+    ):
+        assert await client.call(ECHO, b"alone", 5.0) == b"echo:alone"  # 1 in flight: written at once
+        before = client.statistics()
+        slow = asyncio.create_task(client.call("/test.Service/Slow", b"held", 10.0))
+        await asyncio.sleep(0.05)
+        # The Slow call keeps one in flight: each of these makes two, so their frames wait for more.
+        calls = []
+        for i in range(4):
+            calls.append(asyncio.create_task(client.call(ECHO, f"call {i}".encode(), 10.0)))
+            await asyncio.sleep(0.02)
+        assert await asyncio.gather(*calls) == [f"echo:call {i}".encode() for i in range(4)]
+        after = client.statistics()
+        assert after["calls"] - before["calls"] == 5
+        assert after["frames"] - before["frames"] <= 2  # Slow's frame, then one for the four (not 5 frames)
+        slow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await slow
+
+
+async def test_a_caller_with_few_calls_in_flight_does_not_wait_for_the_gathering():
+    async with link_server(Handlers()) as server, link_client(server.address, gather_s=60.0) as client:
+        # Below `gather_min_in_flight`: a 60 s hold would make these miss their 5 s deadline.
+        for i in range(3):
+            assert await client.call(ECHO, f"{i}".encode(), 5.0) == f"echo:{i}".encode()
+        assert client.statistics() == {"frames": 3, "calls": 3}
 
 
 async def test_large_bodies_travel_in_pieces_both_ways():

@@ -13,6 +13,8 @@ Options:
                          looked up again every 10 s (store pods behind a Kubernetes headless Service)
   --no-store-links       one gRPC call to a store per unary call, rather than a stream per store replica
                          that carries them all (a comparison, for benchmarks)
+  --link-gather-ms MS    with many calls in flight, how long a link frame waits for more calls (default
+                         1.5; 0: frames go at once)
   --request-bytes-max N, --streams-per-token-max N, --calls-per-token-max N   per-client limits
 
 Exit status: 0 after a graceful stop (SIGTERM/SIGINT), 1 on a runtime failure (cannot listen),
@@ -44,6 +46,7 @@ from exocommon.grpc_util.server import stop_on_signals
 from exocommon.process import EXIT_CONFIG, EXIT_FAILURE, ConfigurationProblem, tune_garbage_collector
 from exogateway.gateway import Gateway, GatewaySettings, directory_cell_source
 from exogateway.limits import LimitSettings
+from exogateway.routing import LINK_GATHER_S
 
 log = logging.getLogger("exogateway")
 
@@ -95,6 +98,7 @@ def build_settings(args: argparse.Namespace) -> tuple[GatewaySettings, list[Path
         extra_store_addresses=tuple(args.store),
         resolve_store_names=args.resolve_stores,
         store_links=not args.no_store_links,
+        link_gather_s=args.link_gather_ms / 1000,
         limits=limits,
     )
     watched = [directory.node_yaml, directory.cell_yaml(args.cell)]
@@ -145,6 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-store-links", action="store_true", help="one gRPC call to a store per call, without the link stream"
+    )
+    parser.add_argument(
+        "--link-gather-ms",
+        type=float,
+        default=LINK_GATHER_S * 1000,
+        help="with many calls in flight, how long a link frame to a store waits for more calls (0: none)",
     )
     defaults = LimitSettings()
     parser.add_argument("--request-bytes-max", type=int, default=defaults.request_bytes_max)

@@ -35,7 +35,7 @@ from exogateway.auth import Authenticator
 from exogateway.grpc_service import CALL_TIMEOUT_S, EntityStoreProxy, registration
 from exogateway.http_service import create_http_app
 from exogateway.limits import Limits, LimitSettings
-from exogateway.routing import HEALTH_INTERVAL_S, STORE_SERVICE, Router
+from exogateway.routing import HEALTH_INTERVAL_S, LINK_GATHER_S, STORE_SERVICE, Router
 
 __all__ = ["CellView", "Gateway", "GatewaySettings", "cell_view", "directory_cell_source"]
 
@@ -53,6 +53,8 @@ class GatewaySettings:
     resolve_store_names: bool = False
     # Unary calls go to each store replica over one multiplexed stream (see `Router`).
     store_links: bool = True
+    # How long a link frame waits for more calls while many are in flight (`Router`'s `link_gather_s`).
+    link_gather_s: float = LINK_GATHER_S
     limits: LimitSettings = field(default_factory=LimitSettings)
     call_timeout_s: float = CALL_TIMEOUT_S
     health_interval_s: float = HEALTH_INTERVAL_S
@@ -133,6 +135,7 @@ class Gateway:
             max_message_bytes=settings.max_message_bytes,
             resolve_names=settings.resolve_store_names,
             use_links=settings.store_links,
+            link_gather_s=settings.link_gather_s,
         )
         self.proxy = EntityStoreProxy(self.authenticator, self.router, self.limits, settings.call_timeout_s)
         self.grpc_server = ServiceServer(

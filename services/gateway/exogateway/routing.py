@@ -48,7 +48,7 @@ from exocommon.grpc_util import check_health, create_channel
 from exocommon.grpc_util.link import LinkBroken, LinkCallError, LinkClient
 from exocommon.net import split_host_port
 
-__all__ = ["STORE_SERVICE", "Replica", "Router", "StoreStatusError"]
+__all__ = ["LINK_GATHER_S", "STORE_SERVICE", "Replica", "Router", "StoreStatusError"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ STORE_SERVICE = "exocore.store.v1.EntityStore"
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 1.0
 RESOLVE_INTERVAL_S = 10.0
+# With many calls in flight, a link frame to a store waits this long for more calls (`LinkClient`'s
+# `gather_s`). Measured with 32 clients sending Mutate calls: about one call per frame without it, 5
+# with 1.5 ms, and 40 µs of gateway CPU less per call; a client with few calls in flight never waits.
+LINK_GATHER_S = 0.0015
 
 # Reconnect quickly to a replica that restarts (grpc's default backoff grows to 120 s).
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -117,6 +121,7 @@ class Router:
         resolve_names: bool = False,
         resolve_interval_s: float = RESOLVE_INTERVAL_S,
         use_links: bool = True,
+        link_gather_s: float = LINK_GATHER_S,
     ) -> None:
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
@@ -126,6 +131,7 @@ class Router:
         self.resolve_names = resolve_names
         self.resolve_interval_s = resolve_interval_s
         self.use_links = use_links
+        self.link_gather_s = link_gather_s
         self._resolved_at = 0.0
         # Per configured address: what it resolved to last (kept when a lookup fails).
         self._resolved: dict[str, list[str]] = {}
@@ -216,7 +222,8 @@ class Router:
         if self._max_message_bytes is not None:
             kwargs["max_message_bytes"] = self._max_message_bytes
         channel = create_channel(address, retry=False, options=_CHANNEL_OPTIONS, **kwargs)
-        return Replica(address, channel, link=LinkClient(channel) if self.use_links else None)
+        link = LinkClient(channel, gather_s=self.link_gather_s) if self.use_links else None
+        return Replica(address, channel, link=link)
 
     # --- health ---------------------------------------------------------------------------------------
 
@@ -342,6 +349,7 @@ class Router:
                     "calls": r.calls,
                     "failures": r.failures,
                     "link": r.link is not None and not r.link.unsupported,
+                    **({"link_frames": r.link.statistics()} if r.link is not None else {}),
                 }
                 for r in self._replicas
             ]

@@ -45,6 +45,7 @@ from .errors import _status_for
 __all__ = [
     "CHAIN_APPEND_METHOD",
     "CHAIN_LOG_LINK_SERVICE",
+    "GATHER_MIN_IN_FLIGHT",
     "LINK_METHOD",
     "LINK_SERVICE",
     "PIECE_BYTES",
@@ -65,6 +66,8 @@ CHAIN_APPEND_METHOD = "/exocore.chain.v1.ChainLog/Append"
 # Bodies above this travel in pieces; a frame is closed once it holds this much.
 PIECE_BYTES = 256 * 1024
 _FRAME_BYTES = PIECE_BYTES
+# `LinkClient`'s `gather_s` applies from this many calls in flight (a caller with a few waits for nothing).
+GATHER_MIN_IN_FLIGHT = 8
 
 LinkHandler = Callable[[bytes, float | None], Awaitable[bytes]]
 
@@ -99,12 +102,22 @@ class _FrameWriter:
     """Collects entries into frames and writes them one at a time with `write`, in order: entries
     added while a write is in flight go out together in the next frame."""
 
-    def __init__(self, write: Callable[[link_pb2.LinkFrame], Awaitable[Any]], name: str) -> None:
+    def __init__(
+        self,
+        write: Callable[[link_pb2.LinkFrame], Awaitable[Any]],
+        name: str,
+        hold: Callable[[], float] | None = None,
+    ) -> None:
+        """`hold()`: how long a frame that just got its first entry waits for more before it is written
+        (0: not at all); see `LinkClient`'s `gather_s`."""
         self._write = write
+        self._hold = hold
         self._frames: list[link_pb2.LinkFrame] = []
         self._size = 0  # body bytes in the last frame
         self._wake: asyncio.Future[None] | None = None
         self._finishing = False
+        self.frames_written = 0
+        self.entries_written = 0
         self.task = asyncio.get_running_loop().create_task(self._run(), name=name)
 
     def _frame(self, size: int) -> link_pb2.LinkFrame:
@@ -136,6 +149,7 @@ class _FrameWriter:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        hold = self._hold
         while True:
             if not self._frames:
                 if self._finishing:
@@ -143,9 +157,15 @@ class _FrameWriter:
                 self._wake = loop.create_future()
                 await self._wake
                 continue
+            if hold is not None and len(self._frames) == 1 and not self._finishing:
+                delay = hold()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             frame = self._frames.pop(0)
             if not self._frames:
                 self._size = 0
+            self.frames_written += 1
+            self.entries_written += len(frame.calls)
             try:
                 await self._write(frame)
             except Exception as exc:  # the stream is gone: its reading side reports why
@@ -192,10 +212,17 @@ class _Assembler:
 class _Stream:
     """One opened link stream and its calls in flight."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall, gather_s: float, gather_min_in_flight: int) -> None:
         self.call = call
         self.pending: dict[int, asyncio.Future[bytes]] = {}
-        self.writer = _FrameWriter(call.write, "link-writer")
+        hold = None
+        if gather_s > 0:
+            pending = self.pending
+
+            def hold() -> float:
+                return gather_s if len(pending) >= gather_min_in_flight else 0.0
+
+        self.writer = _FrameWriter(call.write, "link-writer", hold)
         self.broken: LinkBroken | None = None
         self.reader: asyncio.Task[None] | None = None
 
@@ -203,20 +230,46 @@ class _Stream:
 class LinkClient:
     """The calling side of a link over `channel` (see module docstring). Use from one event loop."""
 
-    def __init__(self, channel: grpc.aio.Channel, service: str = LINK_SERVICE) -> None:
-        """`service`: the link service's full name (another service can carry `LinkFrame`s too)."""
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        service: str = LINK_SERVICE,
+        *,
+        gather_s: float = 0.0,
+        gather_min_in_flight: int = GATHER_MIN_IN_FLIGHT,
+    ) -> None:
+        """`service`: the link service's full name (another service can carry `LinkFrame`s too).
+
+        `gather_s`: while at least `gather_min_in_flight` calls are in flight, a request frame waits
+        that long for more requests before it is written. Under load a frame then carries several
+        calls instead of about one (each frame costs both sides a stream message: tens of µs of CPU),
+        for a little latency that a caller with few calls in flight never pays. 0: frames go at once.
+        """
         self._open_call = channel.stream_stream(
             f"/{service}/Calls",
             request_serializer=link_pb2.LinkFrame.SerializeToString,
             response_deserializer=link_pb2.LinkFrame.FromString,
         )
+        self._gather_s = gather_s
+        self._gather_min_in_flight = gather_min_in_flight
         self._stream: _Stream | None = None
         self._ids = itertools.count(1)
         # Set once the server answered UNIMPLEMENTED: it has no link (callers then call directly).
         self.unsupported = False
+        # Request frames and calls written on the streams closed so far (see `statistics`).
+        self._frames_closed = 0
+        self._calls_closed = 0
+
+    def statistics(self) -> dict[str, int]:
+        """Request frames written and the calls (entries) they carried, over every stream so far."""
+        frames, calls = self._frames_closed, self._calls_closed
+        if self._stream is not None:
+            frames += self._stream.writer.frames_written
+            calls += self._stream.writer.entries_written
+        return {"frames": frames, "calls": calls}
 
     def _open(self) -> _Stream:
-        stream = _Stream(self._open_call(timeout=None))
+        stream = _Stream(self._open_call(timeout=None), self._gather_s, self._gather_min_in_flight)
         stream.reader = asyncio.get_running_loop().create_task(self._read(stream), name="link-reader")
         self._stream = stream
         return stream
@@ -260,6 +313,8 @@ class LinkClient:
             self.unsupported = True
         if self._stream is stream:
             self._stream = None
+        self._frames_closed += stream.writer.frames_written
+        self._calls_closed += stream.writer.entries_written
         stream.writer.close()
         stream.call.cancel()
         pending, stream.pending = stream.pending, {}
