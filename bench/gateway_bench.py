@@ -16,7 +16,7 @@ each process spent per call (load generator, gateway, store,
 chain; warm-up included): calls/s move with whatever else runs on the machine, CPU per call much less,
 and their sum bounds what the cores can serve.
 
-    .venv/bin/python bench/gateway_bench.py [--duration-s 5] [--clients 1,32] [--keep]
+    .venv/bin/python bench/gateway_bench.py [--duration-s 5] [--clients 1,32] [--calls Query,Mutate] [--keep]
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ async def bench(args: argparse.Namespace, root: Path) -> int:
 
         pids = {"gateway": processes[2].pid, "store": processes[1].pid, "chain": processes[0].pid}
         rows: list[tuple[str, int, Figures, Figures]] = []
-        for label, method, requests in (("Query", QUERY, [query]), ("Mutate", MUTATE, mutations)):
+        loads = (("Query", QUERY, [query]), ("Mutate", MUTATE, mutations))
+        for label, method, requests in (load for load in loads if load[0] in args.calls):
             for clients in args.clients:
                 halves: dict[str, list[Figures]] = {"direct": [], "gateway": []}
                 for path in ("direct", "gateway", "gateway", "direct"):  # see the module docstring
@@ -302,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=5.0, help="seconds per measurement (default 5)")
     parser.add_argument(
         "--clients", type=lambda text: [int(x) for x in text.split(",")], default=[1, 32], help="e.g. 1,32"
+    )
+    parser.add_argument(
+        "--calls", type=lambda text: text.split(","), default=["Query", "Mutate"], help="e.g. Mutate (default both)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary node folder and logs")
     args = parser.parse_args(argv)
