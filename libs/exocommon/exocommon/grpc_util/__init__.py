@@ -1,7 +1,7 @@
 """gRPC plumbing shared by every Exocore service and client.
 
-Server: `ServiceServer` / `serve` (health, reflection, graceful SIGTERM shutdown, interceptors),
-`ErrorMappingInterceptor` (ExocoreError -> status), `RequestLoggingInterceptor`,
+Server: `ServiceServer` / `serve` (health, reflection, graceful SIGTERM shutdown, request log and
+error mapping), `ErrorMappingInterceptor` (ExocoreError -> status), `RequestLoggingInterceptor`,
 `configure_logging`. Client: `create_channel` (retries + keepalive), `deadline`,
 `DEFAULT_DEADLINE_S`, `wait_ready`, `check_health`, `exception_from_rpc_error` (status -> typed
 ExocoreError). See each module's docstring.

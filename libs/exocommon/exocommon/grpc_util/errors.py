@@ -1,11 +1,12 @@
 """Mapping the project's error hierarchy (`exocommon.errors`) to gRPC status codes and back.
 
 Server side: `ErrorMappingInterceptor` wraps every async handler (all four RPC kinds, coroutine
-and async-generator styles). An `ExocoreError` raised by the handler ends the call with
-``getattr(grpc.StatusCode, exc.grpc_status)`` and ``str(exc)`` as details; any other exception
-ends it with INTERNAL and the generic details ``"internal error"`` (the text and traceback are
-logged, never sent). gRPC's own exceptions (`grpc.aio.BaseError`: the `AbortError` raised by
-``context.abort``, write-after-cancel errors, ...) and cancellation pass through untouched.
+and async-generator styles); `ServiceServer` does the same when it registers a handler (`_served`).
+An `ExocoreError` raised by the handler ends the call with ``getattr(grpc.StatusCode,
+exc.grpc_status)`` and ``str(exc)`` as details; any other exception ends it with INTERNAL and the
+generic details ``"internal error"`` (the text and traceback are logged, never sent). gRPC's own
+exceptions (`grpc.aio.BaseError`: the `AbortError` raised by ``context.abort``, write-after-cancel
+errors, ...) and cancellation pass through untouched.
 
 Client side: `exception_from_rpc_error(e)` turns a failed call into the matching typed error:
 ``raise exception_from_rpc_error(e) from e``.

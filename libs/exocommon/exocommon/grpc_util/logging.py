@@ -8,7 +8,7 @@
 * `RequestLoggingInterceptor` logs one line per call, ``msg=rpc method=... peer=... code=...
   duration_ms=...``, at DEBUG when the call ends OK and INFO otherwise (logger
   ``exocommon.grpc.requests``). It should be the outermost interceptor so it sees the status
-  set by `ErrorMappingInterceptor`.
+  set by `ErrorMappingInterceptor`. `ServiceServer` does the same without interceptors (`_served`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ import grpc.aio
 
 from ._handlers import CoroBehavior, GenBehavior, WrappedHandlers, wrap_handler
 
-__all__ = ["TRACE", "KeyValueFormatter", "RequestLoggingInterceptor", "configure_logging", "parse_level"]
+__all__ = [
+    "TRACE",
+    "KeyValueFormatter",
+    "RequestLoggingInterceptor",
+    "configure_logging",
+    "log_unimplemented",
+    "parse_level",
+]
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -166,6 +173,11 @@ def _finish(
     )
 
 
+def log_unimplemented(method: str) -> None:
+    """The request log line of a call to a method the server does not serve."""
+    _request_log.info("rpc", extra={"method": method, "code": "UNIMPLEMENTED"})
+
+
 class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
     """Server interceptor logging one line per call (see module docstring)."""
 
@@ -180,7 +192,7 @@ class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         handler = await continuation(handler_call_details)
         if handler is None:
-            _request_log.info("rpc", extra={"method": method, "code": "UNIMPLEMENTED"})
+            log_unimplemented(method)
             return handler
 
         def wrap_coro(behavior: CoroBehavior) -> CoroBehavior:
