@@ -12,9 +12,18 @@ import pytest
 from exocommon.errors import InvalidArgument
 from exocommon.grpc_util import ServiceServer, create_channel
 from exocommon.grpc_util.errors import INTERNAL_ERROR_DETAILS
-from exocommon.grpc_util.link import PIECE_BYTES, LinkBroken, LinkCallError, LinkClient, link_registration
+from exocommon.grpc_util.link import (
+    LINK_METHOD,
+    PIECE_BYTES,
+    LinkBroken,
+    LinkCallError,
+    LinkClient,
+    link_registration,
+)
+from exocore.store.v1 import link_pb2
 
 ECHO = "/test.Service/Echo"
+SLOW = "/test.Service/Slow"
 
 
 class Handlers:
@@ -157,6 +166,35 @@ async def test_a_call_past_its_deadline_or_cancelled_is_cancelled_on_the_server(
                 break
             await asyncio.sleep(0.01)
         assert sorted(handlers.cancelled) == [b"cancelled", b"deadline"]
+
+
+async def test_the_server_answers_deadline_exceeded_when_a_call_outlives_its_deadline():
+    # A client that does not cancel on its own: the server's timer ends the call and answers it.
+    handlers = Handlers()
+    async with link_server(handlers) as server:
+        channel = create_channel(server.address, retry=False)
+        try:
+            call = channel.stream_stream(
+                LINK_METHOD,
+                request_serializer=link_pb2.LinkFrame.SerializeToString,
+                response_deserializer=link_pb2.LinkFrame.FromString,
+            )()
+            await call.write(
+                link_pb2.LinkFrame(calls=[link_pb2.LinkCall(id=7, method=SLOW, body=b"x", timeout_ms=100)])
+            )
+            frame = await asyncio.wait_for(call.read(), 10)
+            assert [(c.id, c.code, c.details) for c in frame.calls] == [
+                (7, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "Deadline Exceeded")
+            ]
+            assert handlers.cancelled == [b"x"]
+            await call.write(
+                link_pb2.LinkFrame(calls=[link_pb2.LinkCall(id=8, method=ECHO, body=b"y", timeout_ms=5000)])
+            )
+            frame = await asyncio.wait_for(call.read(), 10)
+            assert [(c.id, c.code, c.body) for c in frame.calls] == [(8, 0, b"echo:y")]
+            call.cancel()
+        finally:
+            await channel.close()
 
 
 async def test_a_server_without_links_is_reported_as_unsupported():
