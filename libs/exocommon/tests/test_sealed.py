@@ -1,4 +1,5 @@
 import nacl.hash
+import nacl.secret
 import pytest
 
 from exocommon.errors import InvalidArgument
@@ -35,6 +36,15 @@ def test_seal_round_trip_and_randomized():
         assert sealed[0] == 0x01
         assert len(sealed) == 1 + 24 + 16 + len(msg)
     assert seal(key, b"same") != seal(key, b"same")  # random nonce
+
+
+def test_sealed_payloads_are_secret_boxes_behind_the_format_byte():
+    # The format byte, then exactly what nacl's SecretBox makes (nonce, MAC + ciphertext), both ways:
+    # entries sealed before (through SecretBox) and after open alike.
+    key = derive_cell_data_key(CELL)
+    assert nacl.secret.SecretBox(key).decrypt(seal(key, b"payload")[1:]) == b"payload"
+    assert open_sealed(key, b"\x01" + bytes(nacl.secret.SecretBox(key).encrypt(b"older"))) == b"older"
+    assert seal(bytearray(key), memoryview(b"views")) != b""  # bytes-like arguments, as before
 
 
 def test_tampering_is_detected_everywhere():
