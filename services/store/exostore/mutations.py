@@ -85,7 +85,8 @@ def _unknown_fields(message: mutation_pb2.EntityMutation) -> list[tuple[int, int
 def prepare_mutations(
     request: mutation_pb2.MutationRequest, registry: TraitRegistry
 ) -> list[mutation_pb2.EntityMutation]:
-    """The request's mutations, validated whole and with their ids (see module docstring)."""
+    """The request's mutations, validated whole and with their ids (see module docstring). The ids are
+    set on the request's own messages (no copies: the request is the caller's, parsed for this call)."""
     if len(request.mutations) > MAX_MUTATIONS:
         raise InvalidArgument(f"a request holds at most {MAX_MUTATIONS} mutations, got {len(request.mutations)}")
     for index, mutation in enumerate(request.mutations):
@@ -94,9 +95,7 @@ def prepare_mutations(
     prepared: list[mutation_pb2.EntityMutation] = []
     previous_entity: str | None = None
     total = 0
-    for index, original in enumerate(request.mutations):
-        mutation = mutation_pb2.EntityMutation()
-        mutation.CopyFrom(original)
+    for index, mutation in enumerate(request.mutations):
         kind = mutation.WhichOneof("mutation")
         if not mutation.entity_id:
             if request.common_entity_id and previous_entity is not None:
