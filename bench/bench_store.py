@@ -52,7 +52,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-from benchlib import cpu_seconds
+from benchlib import cpu_seconds, memory_mb
 from google.protobuf import any_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -366,6 +366,7 @@ def load(store_address: str, notes: list[Note], batch: int, concurrency: int, st
         "latency": latency,
         "counted": counted,
         "store_cpu": cpu_seconds(store_pid) - cpu_before[0],
+        "store_rss_mb": memory_mb(store_pid),
         "chain_cpu": cpu_seconds(chain_pid) - cpu_before[1],
     }
 
@@ -611,15 +612,28 @@ def after_load(store_pid: int, timeout_s: float = 300.0) -> dict:
             last_busy, worked = now, worked or cpu - cpu0 > 0.5
         last_cpu = cpu
         if now - last_busy >= (2.0 if worked else 15.0) or now - t0 > timeout_s:
-            return {"seconds": last_busy - t0, "store_cpu": cpu - cpu0}
+            return {
+                "seconds": last_busy - t0,
+                "store_cpu": cpu - cpu0,
+                "store_rss_mb": memory_mb(store_pid),
+                "store_peak_mb": memory_mb(store_pid, "VmHWM"),
+            }
 
 
-def node_setup(node_dir: Path) -> tuple[str, str, str, bool]:
-    """(cell id, chain address, store address, fresh)"""
+def node_setup(node_dir: Path, index_settings: Sequence[str] = ()) -> tuple[str, str, str, bool]:
+    """(cell id, chain address, store address, fresh); `index_settings`: `KEY=N` for node.yaml's
+    `store.index` (a fresh node only)."""
     fresh = not (node_dir / "node.yaml").exists()
     if fresh:
         exo("-d", str(node_dir), "node", "init", "--name", "bench")
         exo("-d", str(node_dir), "cell", "init", "--name", "bench")
+        if index_settings:
+            directory = NodeDirectory(node_dir)
+            node_config = directory.load_node_config()
+            for setting in index_settings:
+                key, _, value = setting.partition("=")
+                getattr(node_config.store.index, key).value = int(value)
+            directory.save_node_config(node_config)
     config = NodeDirectory(node_dir).load_node_config()
     return config.cells[0].id, config.addresses.chain, config.addresses.store, fresh
 
@@ -658,13 +672,13 @@ def stop_profiler(spy: subprocess.Popen[bytes] | None) -> None:
 
 def bench(args: argparse.Namespace, root: Path) -> int:
     node_dir = root / "node"
-    cell_id, chain_address, store_address, fresh = node_setup(node_dir)
+    cell_id, chain_address, store_address, fresh = node_setup(node_dir, args.index_setting)
     print(f"generating {args.entities:,} notes (seed {args.seed})", file=sys.stderr)
     notes, words = make_notes(args.entities, args.seed)
     rng = random.Random(args.seed + 1)
     specs_by_kind = {k: make_queries(k, args.queries + args.warmup, notes, words, rng) for k in QUERY_KINDS}
 
-    common = ["--dir", str(node_dir), "--cell", cell_id, "--log", "warn"]
+    common = ["--dir", str(node_dir), "--cell", cell_id, "--log", args.service_log]
     chain = start("chain", [sys.executable, "-m", "exochain", *common], root)
     store = start("store", [sys.executable, "-m", "exostore", *common], root)
     processes = [chain, store]
@@ -723,13 +737,15 @@ def report(args: argparse.Namespace, out: dict) -> None:
             f"Indexing: {load_figures['rate']:,.0f} mutations/s, Append to queryable ({args.entities:,} in "
             f"{load_figures['seconds']:.1f} s; {args.concurrency} x {args.batch}-mutation requests in flight, "
             f"request p50 {lat.p50:.0f} ms p99 {lat.p99:.0f} ms, {lat.errors} not indexed within the store's "
-            f"5 s wait; CPU: store {load_figures['store_cpu']:.1f} s, chain {load_figures['chain_cpu']:.1f} s)"
+            f"5 s wait; CPU: store {load_figures['store_cpu']:.1f} s, chain {load_figures['chain_cpu']:.1f} s; "
+            f"store memory {load_figures['store_rss_mb']:,.0f} MB)"
         )
         after = out["after_load"]
         print(
             f"After the load: the store worked {after['seconds']:.1f} s more (CPU {after['store_cpu']:.1f} s: the "
             f"chain-index round deferred while writes came, and merges); load and that together: "
-            f"{args.entities / (load_figures['seconds'] + after['seconds']):,.0f} mutations/s"
+            f"{args.entities / (load_figures['seconds'] + after['seconds']):,.0f} mutations/s; store memory then "
+            f"{after['store_rss_mb']:,.0f} MB, peak {after['store_peak_mb']:,.0f} MB"
         )
     else:
         print(f"Indexing: not measured (reused node folder; store start-up {out['startup_s']:.1f} s)")
@@ -784,6 +800,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=500, help="mutations per Mutate while loading (default 500)")
     parser.add_argument("--concurrency", type=int, default=4, help="Mutate requests in flight while loading")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--service-log", default="warn", help="log level of the chain and store (logs: --keep)")
+    parser.add_argument(
+        "--index-setting",
+        action="append",
+        default=[],
+        metavar="KEY=N",
+        help="a store.index setting of node.yaml, e.g. chain_index_deferred_write_secs=0 (repeatable)",
+    )
     parser.add_argument("--node-dir", help="node folder to keep (reused, without loading, if it exists)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--py-spy", help="record a py-spy profile of the store during the queries to this file")

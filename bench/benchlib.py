@@ -15,3 +15,14 @@ def cpu_seconds(pid: int, missing: float = float("nan")) -> float:
     except OSError:
         return missing
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (`VmRSS`) or its peak (`VmHWM`) in MB (Linux /proc); nan when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

@@ -78,7 +78,7 @@ def full_node_config() -> pb.LocalNodeConfig:
     idx.chain_index_deferred_interval_secs.value = 0
     idx.chain_index_deferred_query_secs.value = 16
     idx.chain_index_deferred_max_secs.value = 2**63
-    idx.chain_index_deferred_write_secs.value = 0
+    idx.chain_index_deferred_write_secs.value = 3
     idx.chain_index_deferred_max_pending.value = 5000
     idx.pending_index.indexer_num_threads.value = 3
     idx.pending_index.indexer_heap_size_bytes.value = 40_000_000
@@ -585,7 +585,7 @@ def test_settings_defaults():
         i.chain_index_deferred_max_secs,
         i.chain_index_deferred_write_secs,
         i.chain_index_deferred_max_pending,
-    ) == (5, 15, 300, 2, 200_000)
+    ) == (5, 15, 300, 0, 100_000)
     for m in (i.pending_index, i.chain_index):
         assert m == MutationIndexSettings(1, 30_000_000, 5000)  # one writer thread: see config.py
     assert (i.garbage_collector.run_interval_secs, i.garbage_collector.queue_size) == (13, 500)
@@ -602,7 +602,7 @@ def test_settings_overrides():
     assert s.index.chain_index_depth_leeway == 7
     assert s.index.chain_index_deferred_query_secs == 16
     assert s.index.chain_index_deferred_max_secs == 2**63
-    assert (s.index.chain_index_deferred_write_secs, s.index.chain_index_deferred_max_pending) == (0, 5000)
+    assert (s.index.chain_index_deferred_write_secs, s.index.chain_index_deferred_max_pending) == (3, 5000)
     assert s.index.pending_index == MutationIndexSettings(3, 40_000_000, 5000)
     assert s.index.chain_index == MutationIndexSettings(1, 30_000_000, 0)
     assert (s.index.garbage_collector.run_interval_secs, s.index.garbage_collector.queue_size) == (14, 501)

@@ -884,10 +884,9 @@ class EntityIndex:
         non-programmatic query came in the last `chain_index_deferred_query_secs`, unless the last
         attempt is older than `chain_index_deferred_max_secs`.
 
-        Beyond the original, not while writes entered the pending index in the last
-        `chain_index_deferred_write_secs` either: a chain-index round builds and indexes every document
-        again and purges the pending index, about a quarter of the store's CPU during a burst of writes,
-        which then became searchable that much later. Once the pending index holds
+        Beyond the original: when `chain_index_deferred_write_secs` is set (not by default, see config.py),
+        not while writes entered the pending index that recently either (a chain-index round during a burst
+        of writes takes a quarter of the store's CPU from it). Once the pending index holds
         `chain_index_deferred_max_pending` operations (it lives in RAM), neither wait holds."""
         settings = self.settings
         if settings.chain_index_deferred_interval_secs is None or self._building is not None:

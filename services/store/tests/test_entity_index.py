@@ -275,7 +275,7 @@ def test_deferred_indexing_leaves_live_blocks_to_the_timer(tmp_path):
     s.index.apply_events([block(3, entry(3, put("e3", "t", "b"))), block(4)])
     assert s.index.chain_indexed.height == 1, "live blocks wait for the deferred timer"
 
-    s.clock[0] += 3  # the last write to the pending index (block 3) is 2 s old
+    s.clock[0] += 1
     s.index.note_query(programmatic=True)
     assert s.index.deferred_indexing_due(), "programmatic queries do not delay indexing"
     s.index.note_query(programmatic=False)
@@ -296,7 +296,12 @@ def test_deferred_indexing_leaves_live_blocks_to_the_timer(tmp_path):
 
 
 def test_deferred_indexing_waits_while_writes_come_up_to_a_bound(tmp_path):
-    s = Store(tmp_path, settings(min_depth=1, leeway=1, deferred=5, chain_index_deferred_max_pending=3))
+    s = Store(
+        tmp_path,
+        settings(
+            min_depth=1, leeway=1, deferred=5, chain_index_deferred_write_secs=2, chain_index_deferred_max_pending=3
+        ),
+    )
     start(s, GENESIS, caught_up(1))
     s.clock[0] += 10
     assert s.index.deferred_indexing_due(), "no write yet"
