@@ -599,9 +599,9 @@ def bare_queries(bare: BareIndex, specs_by_kind: dict[str, list[QuerySpec]], war
 
 
 def after_load(store_pid: int, timeout_s: float = 300.0) -> dict:
-    """The store's work after the load: the store defers chain indexing while writes come
-    (`chain_index_deferred_write_secs`), then indexes the burst into the chain index (and tantivy merges).
-    Waits until it has been idle (under 5% of a core) for 2 s after working, or 15 s without work."""
+    """The store's work after the load: deferred chain indexing (every 5 s; all of it after the burst with
+    `--index-setting chain_index_deferred_write_secs=2`) and tantivy merges. Waits until the store has been
+    idle (under 5% of a core) for 2 s after working, or 15 s without work."""
     cpu0 = last_cpu = cpu_seconds(store_pid)
     t0 = last_busy = time.perf_counter()
     worked = False
@@ -692,7 +692,7 @@ def bench(args: argparse.Namespace, root: Path) -> int:
             print(f"loading through the store ({args.concurrency} x {args.batch} mutations in flight)", file=sys.stderr)
             out["load"] = load(store_address, notes, args.batch, args.concurrency, store.pid, chain.pid)
             stop_profiler(load_spy)
-            print("  waiting for the store to be idle (chain indexing deferred while the writes came)", file=sys.stderr)
+            print("  waiting for the store to be idle (deferred chain indexing, merges)", file=sys.stderr)
             out["after_load"] = after_load(store.pid)
 
         spy = profiler(args, store.pid, "queries")
@@ -742,8 +742,8 @@ def report(args: argparse.Namespace, out: dict) -> None:
         )
         after = out["after_load"]
         print(
-            f"After the load: the store worked {after['seconds']:.1f} s more (CPU {after['store_cpu']:.1f} s: the "
-            f"chain-index round deferred while writes came, and merges); load and that together: "
+            f"After the load: the store worked {after['seconds']:.1f} s more (CPU {after['store_cpu']:.1f} s: "
+            f"deferred chain indexing, merges); load and that together: "
             f"{args.entities / (load_figures['seconds'] + after['seconds']):,.0f} mutations/s; store memory then "
             f"{after['store_rss_mb']:,.0f} MB, peak {after['store_peak_mb']:,.0f} MB"
         )
