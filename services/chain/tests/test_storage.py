@@ -29,6 +29,7 @@ from exochain.model import (
     sign_block,
     sign_operations,
 )
+from exochain.storage import leveldb as leveldb_module
 from exochain.storage.base import (
     ChainStore,
     CommitStatus,
@@ -649,6 +650,25 @@ def test_group_commit_sync_covers_the_writes_made_before_it(tmp_path):
         assert [b.hash for b in reopened.chain.blocks_from(0)] == [b.hash for b in blocks]
         assert reopened.pending.count() == 10 and reopened.meta.get_int("k") == 1
         assert not reopened.has_unsynced_writes()  # sync_writes=True: durable when written
+
+
+def test_group_commit_sync_follows_leveldb_to_each_new_log(tmp_path, monkeypatch):
+    # A tiny memtable: LevelDB moves to a new log file every few writes.
+    monkeypatch.setattr(leveldb_module, "WRITE_BUFFER_BYTES", 64 * 1024)
+    with LevelDbStorage(tmp_path / "db", sync_writes=False) as storage:
+        synced_logs = set()
+        for round_ in range(40):
+            storage.pending.put(entry_ops(1_000 + round_ * 100, 100, tag=b"x" * 8))
+            storage.sync()
+            assert not storage.has_unsynced_writes()
+            # The log kept open is the newest in the folder: the one the writes just went to.
+            kept = os.readlink(f"/proc/self/fd/{storage._log_fd}")
+            logs = sorted(name for name in os.listdir(tmp_path / "db") if name.endswith(".log"))
+            assert Path(kept).name == logs[-1]
+            synced_logs.add(Path(kept).name)
+        assert len(synced_logs) > 3  # it did switch logs, and the syncs followed
+    with LevelDbStorage(tmp_path / "db") as reopened:
+        assert reopened.pending.count() == 4_000
 
 
 def test_encoded_blocks_are_the_stored_bytes(backend):

@@ -26,6 +26,7 @@ Thread safety: mutations are serialized by one lock; reads may run concurrently 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import struct
@@ -56,6 +57,9 @@ _CHAIN_STATE = b"xchain"
 # LevelDB's memtable: writes are flushed to a table file once it holds this many bytes (two may be
 # in memory at once, one being flushed).
 WRITE_BUFFER_BYTES = 32 * 1024 * 1024
+
+# inotify(7) events that change which files a folder holds.
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
 
 _U64 = struct.Struct(">Q")
 _U64_PAIR = struct.Struct(">QQ")
@@ -115,6 +119,9 @@ class LevelDbStorage:
         self._synced_writes = 0
         self._log_synced_from = 0
         self._sync_lock = threading.Lock()
+        # The newest log, kept open, and a watch on the folder (see `sync`): None until a sync scans.
+        self._log_fd: int | None = None
+        self._folder_watch = _FolderWatch.open(self.path) if not sync_writes else None
         try:
             self.chain = LevelDbChainStore(self)
             self.pending = LevelDbPendingStore(self)
@@ -138,6 +145,13 @@ class LevelDbStorage:
         with self._lock:
             if not self._db.closed:
                 self._db.close()
+        with self._sync_lock:
+            if self._log_fd is not None:
+                os.close(self._log_fd)
+                self._log_fd = None
+            if self._folder_watch is not None:
+                self._folder_watch.close()
+                self._folder_watch = None
 
     def __enter__(self) -> LevelDbStorage:
         return self
@@ -169,27 +183,90 @@ class LevelDbStorage:
         entering LevelDB's write path. A LevelDB write with sync=true would queue behind (and hold up)
         the writers: this syncs LevelDB's write-ahead log files instead (each write is in the newest
         log when it returns; an older log, still unsynced after a memtable switch, is synced too until
-        LevelDB has compacted it into a table file, which it syncs itself, and deleted it)."""
+        LevelDB has compacted it into a table file, which it syncs itself, and deleted it).
+
+        The newest log stays open, and while an inotify watch says no file came or went in the folder
+        since the last scan it is the only one to sync: one fdatasync, no listing, no open (a
+        tenth to a fifth of an idle node's append)."""
         if self.sync_writes:
             return
         target = self._writes
         if target == self._synced_writes:
             return
         with self._sync_lock:
-            # os.listdir, not Path.glob: this runs for every group of appends (a tenth of the cost).
-            names = os.listdir(self.path)
-            numbers = sorted(int(name[:-4]) for name in names if name.endswith(".log") and name[:-4].isdigit())
-            fresh = [n for n in numbers if n >= self._log_synced_from]
-            if not fresh:
-                # Not the layout expected: let LevelDB sync its log (slower, but always right).
-                self._db.write_batch(sync=True).write()
+            watch = self._folder_watch
+            # Drained before the listing, so that a file created after it shows at the next sync.
+            if self._log_fd is not None and watch is not None and not watch.changed():
+                os.fdatasync(self._log_fd)
             else:
-                if fresh[-1] != self._log_synced_from:
-                    _fsync_path(self.path)  # a new log file: its directory entry must be durable too
-                for number in fresh:
-                    _fsync_path(self.path / f"{number:06d}.log", missing_ok=True, data_only=True)
-                self._log_synced_from = fresh[-1]
+                self._scan_and_sync()
             self._synced_writes = max(self._synced_writes, target)
+
+    def _scan_and_sync(self) -> None:
+        """Syncs every log not synced since it was last written, found by listing the folder; keeps
+        the newest open for the next syncs."""
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        # os.listdir, not Path.glob: this runs for every group of appends without a watch.
+        names = os.listdir(self.path)
+        numbers = sorted(int(name[:-4]) for name in names if name.endswith(".log") and name[:-4].isdigit())
+        fresh = [n for n in numbers if n >= self._log_synced_from]
+        if not fresh:
+            # Not the layout expected: let LevelDB sync its log (slower, but always right).
+            self._db.write_batch(sync=True).write()
+            return
+        if fresh[-1] != self._log_synced_from:
+            _fsync_path(self.path)  # a new log file: its directory entry must be durable too
+        for number in fresh[:-1]:
+            _fsync_path(self.path / f"{number:06d}.log", missing_ok=True, data_only=True)
+        try:
+            fd = os.open(self.path / f"{fresh[-1]:06d}.log", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Gone since the listing: LevelDB switched logs meanwhile (and compacted this one).
+            self._db.write_batch(sync=True).write()
+            return
+        os.fdatasync(fd)
+        self._log_fd = fd
+        self._log_synced_from = fresh[-1]
+
+
+class _FolderWatch:
+    """An inotify watch on a folder: whether a file came or went since the last call (Linux only)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def open(cls, path: Path) -> _FolderWatch | None:
+        """None where inotify is not available (every sync then lists the folder)."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            init, add_watch = libc.inotify_init1, libc.inotify_add_watch
+        except (OSError, AttributeError):
+            return None
+        fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            return None
+        mask = _IN_CREATE | _IN_DELETE | _IN_MOVED_FROM | _IN_MOVED_TO
+        if add_watch(fd, os.fsencode(path), mask) < 0:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def changed(self) -> bool:
+        """True if any event (or a queue overflow, which is one too) came since the last call."""
+        changed = False
+        while True:
+            try:
+                if not os.read(self._fd, 65536):
+                    return changed
+            except BlockingIOError:
+                return changed
+            changed = True
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _fsync_path(path: Path, missing_ok: bool = False, data_only: bool = False) -> None:
