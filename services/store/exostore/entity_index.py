@@ -330,6 +330,7 @@ class EntityIndex:
         # What this store appended itself (`remember_appended`, from the event loop): sealed entry ->
         # (payload, mutation). Its chain entries come back through the tail: no decryption, no parse.
         self._appended: dict[bytes, tuple[bytes, mutation_pb2.EntityMutation]] = {}
+        self._appended_lock = threading.Lock()
         # Deferred chain indexing commits on its own thread (`start_chain_indexing`): the round in flight, and
         # the update of a round ended by another call than `finish_chain_indexing` (reported by the next one).
         self._chain_round: _ChainRound | None = None
@@ -551,22 +552,27 @@ class EntityIndex:
         Keyed by the sealed entry (unique: a random nonce each), known before the Append answers, which
         the tail often beats. Any thread; the oldest are forgotten past `APPENDED_CACHE_SIZE` (say, an
         Append that failed, or while the tail is down)."""
-        appended = self._appended
-        for entry, payload, mutation in zip(entries, payloads, mutations, strict=True):
-            appended[entry] = (payload, mutation)
-        while len(appended) > APPENDED_CACHE_SIZE:
-            appended.pop(next(iter(appended)), None)
+        with self._appended_lock:  # the indexing thread takes from it meanwhile
+            appended = self._appended
+            for entry, payload, mutation in zip(entries, payloads, mutations, strict=True):
+                appended[entry] = (payload, mutation)
+            while len(appended) > APPENDED_CACHE_SIZE:
+                del appended[next(iter(appended))]
 
     def _decode(self, entries: Sequence[ChainEntry]) -> dict[int, mutation_pb2.EntityMutation]:
         """Mutations of `entries` (undecodable ones are logged once and left out); new payloads saved."""
         found: dict[int, mutation_pb2.EntityMutation] = {}
         new: list[tuple[int, bytes]] = []
-        appended = self._appended
+        own_entries: dict[bytes, tuple[bytes, mutation_pb2.EntityMutation]] = {}
+        if self._appended:
+            with self._appended_lock:
+                appended = self._appended
+                own_entries = {e.data: appended.pop(e.data) for e in entries if e.data in appended}
         for entry in entries:
             op_id = entry.operation_id
             if op_id in found or op_id in self._undecodable:
                 continue
-            own = appended.pop(entry.data, None) if appended else None
+            own = own_entries.get(entry.data) if own_entries else None
             if own is not None:
                 found[op_id] = own[1]
                 new.append((op_id, own[0]))
@@ -786,7 +792,7 @@ class EntityIndex:
     @property
     def chain_backlog(self) -> bool:
         """Whether blocks deep enough for the chain index are still waiting (a deferred round took at most
-        `CHAIN_ROUND_MAX_OPERATIONS`)."""
+        `CHAIN_ROUND_MAX_OPERATIONS`). On the indexing thread (which changes the retained blocks)."""
         newest = self.last_block
         if newest is None or self._chain_round is not None:
             return False

@@ -226,7 +226,7 @@ class ChainTailer:
                     self._on_update(update)
                 # A round takes at most CHAIN_ROUND_MAX_OPERATIONS: the next goes at once (the indexing
                 # thread has applied the events queued meanwhile).
-                backlog = future is not None and self._index.chain_backlog
+                backlog = future is not None and await self._on_indexer(lambda: self._index.chain_backlog)
 
 
 __all__ = ["ChainTailer"]

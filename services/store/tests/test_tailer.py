@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 
 import grpc
@@ -84,3 +84,56 @@ async def test_without_an_interval_each_event_can_be_its_own_batch():
     batches = await follow([pending(i) for i in ids], gap_s=0.05, interval_s=0.0)
     assert [i for batch in batches for i in batch] == ids
     assert len(batches) >= 5  # 50 ms apart and nothing holding them: (nearly) one batch each
+
+
+class BacklogIndex:
+    """Deferred indexing with `rounds` capped rounds waiting; records what the timer loop does."""
+
+    def __init__(self, rounds: int) -> None:
+        self.settings = SimpleNamespace(chain_index_deferred_interval_secs=3600)
+        self.left = rounds
+        self.log: list[str] = []
+
+    def deferred_indexing_due(self) -> bool:
+        return True
+
+    def start_chain_indexing(self) -> Future[int] | None:
+        if not self.left:
+            return None
+        self.left -= 1
+        self.log.append("round")
+        future: Future[int] = Future()
+        future.set_result(1)
+        return future
+
+    def finish_chain_indexing(self) -> SimpleNamespace:
+        return SimpleNamespace(changed=False, indexed=[])
+
+    @property
+    def chain_backlog(self) -> bool:
+        return self.left > 0
+
+
+def test_deferred_rounds_of_a_backlog_follow_one_another(monkeypatch):
+    index = BacklogIndex(rounds=3)
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        index.log.append("sleep")
+        if index.log.count("sleep") > 1:
+            await real_sleep(3600)  # the second interval: the test ends here
+
+    async def run() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            tailer = ChainTailer(None, index, executor, lambda update: None)  # type: ignore[arg-type]
+            monkeypatch.setattr("exostore.tailer.asyncio.sleep", sleep)
+            task = asyncio.create_task(tailer.run_deferred_indexing())
+            while index.log.count("sleep") < 2:
+                await real_sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(run())
+    # one interval, then the three rounds back to back, then (backlog gone) the next interval
+    assert index.log == ["sleep", "round", "round", "round", "sleep"]
