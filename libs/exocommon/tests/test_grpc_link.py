@@ -117,6 +117,17 @@ async def test_with_enough_calls_in_flight_a_frame_waits_for_more_calls():
             await slow
 
 
+async def test_large_bodies_do_not_wait_for_the_gathering():
+    # Pieces fill their frames: waiting for more calls would only slow a large body down.
+    handlers = Handlers()
+    async with (
+        link_server(handlers) as server,
+        link_client(server.address, gather_s=60.0, gather_min_in_flight=1) as client,
+    ):
+        big = bytes(range(256)) * (PIECE_BYTES * 3 // 256)
+        assert await client.call(ECHO, big, 5.0) == b"echo:" + big
+
+
 async def test_a_caller_with_few_calls_in_flight_does_not_wait_for_the_gathering():
     async with link_server(Handlers()) as server, link_client(server.address, gather_s=60.0) as client:
         # Below `gather_min_in_flight`: a 60 s hold would make these miss their 5 s deadline.

@@ -157,7 +157,8 @@ class _FrameWriter:
                 self._wake = loop.create_future()
                 await self._wake
                 continue
-            if hold is not None and len(self._frames) == 1 and not self._finishing:
+            # Only a frame with room waits for more (large bodies' pieces go at once).
+            if hold is not None and len(self._frames) == 1 and self._size < _FRAME_BYTES // 2 and not self._finishing:
                 delay = hold()
                 if delay > 0:
                     await asyncio.sleep(delay)
