@@ -161,6 +161,25 @@ def _meta_from_document(doc: tantivy.Document) -> _Meta:
     return _meta_with(first)
 
 
+def _meta_of(op: IndexOperation, doc: tantivy.Document) -> _Meta:
+    """`_meta_from_document(doc)` for `op`'s document, mostly from `op` (reading the fields back through
+    the document cost ~7 µs of the indexing thread per trait put)."""
+    if not isinstance(op, PutTraitOperation):
+        return _meta_from_document(doc)
+    trait = op.trait
+    created = _ts_ns(trait.creation_date) if trait.HasField("creation_date") else 0
+    modified = _ts_ns(trait.modification_date) if trait.HasField("modification_date") else 0
+    type_name = type_name_from_url(trait.message.type_url) if trait.HasField("message") else ""
+    meta = TraitPutMeta(
+        trait_id=trait.id,
+        trait_type=sys.intern(type_name),
+        creation_date=created or None,
+        modification_date=modified or None,
+        has_reference=bool(doc.get_first(F_HAS_REFERENCE)),
+    )
+    return op.entity_id, meta, op.block_offset
+
+
 def _meta_from_doc(doc: dict[str, list[object]]) -> _Meta:
     def first(name: str, default: object) -> object:
         values = doc.get(name)
@@ -433,7 +452,7 @@ class MutationIndex:
                     writer.add_document(doc)
                     operation_id, entity_id = op.operation_id, op.entity_id
                     if single is not None:
-                        adds.append((operation_id, entity_id, _meta_from_document(doc)))
+                        adds.append((operation_id, entity_id, _meta_of(op, doc)))
                     added_ops[operation_id] = entity_id
                     batch_docs[operation_id] = (entity_id, batch_docs.get(operation_id, ("", 0))[1] + 1)
                     touched.add(entity_id)

@@ -10,6 +10,7 @@ import pytest
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+import exostore.mutation_index as mutation_index_module
 from exocommon.errors import FailedPrecondition, InvalidArgument
 from exocore.store import entity_pb2, query_pb2
 from exocore.test import test_pb2
@@ -1098,3 +1099,22 @@ def test_repeated_fields_index_every_element(tagged_registry: TraitRegistry):
     assert sorted(entities(search(index, trait=rep("sizes", Op.GT, uint64=5)))) == ["e1", "e2"]  # 30 > 5, 7 > 5
     assert entities(search(index, trait=rep("sizes", Op.LT, uint64=5))) == ["e1"]  # 3 < 5
     assert entities(search(index, reference=Q.ReferencePredicate(entity_id="et-x"))) == ["e1"]
+
+
+def test_metadata_of_an_operation_is_the_one_read_back_from_its_document():
+    index = new_index()
+    with_ref = tm(string1="x")
+    with_ref.ref1.entity_id, with_ref.ref1.trait_id = "e9", "t9"
+    no_message = put(5, "e5", tm())
+    no_message.trait.ClearField("message")
+    for op in (
+        put(1, "e1", tm(string1="plain")),
+        put(2, "e2", with_ref, trait_id="t2", created=DAY, modified=2 * DAY),
+        put(3, "e3", tm(), block=4),
+        no_message,
+        TraitTombstoneOperation(6, None, "e6", "t6"),
+        EntityTombstoneOperation(7, None, "e7"),
+        PendingDeletionOperation(8, "e8"),
+    ):
+        doc = index._document(op)
+        assert mutation_index_module._meta_of(op, doc) == mutation_index_module._meta_from_document(doc), op
