@@ -19,7 +19,14 @@ import pytest
 
 from exochain import wire
 from exochain.core.commit_manager import CommitIndex, CommitManager, PendingBlockStatus
-from exochain.core.common import NS_PER_S, ChainCell, CommitManagerConfig, EngineConfig, LocalChainNode
+from exochain.core.common import (
+    NS_PER_S,
+    ChainCell,
+    ChainSyncStatus,
+    CommitManagerConfig,
+    EngineConfig,
+    LocalChainNode,
+)
 from exochain.core.engine import ChainTruncated, Engine, NewPendingOperations
 from exochain.core.pending_sync import UNBOUNDED, OperationDetails, SyncBound, SyncRangesBuilder
 from exochain.model import (
@@ -423,3 +430,22 @@ def test_engine_reports_what_a_quorum_of_peers_received():
     assert engine.commit_manager._peers_received_up_to == 80  # the second highest
     engine.peer_received(cell.ids[3], 70, now)  # never goes back
     assert engine.commit_manager._peers_received_up_to == 80
+
+
+def test_engine_runs_a_commit_round_only_when_what_a_quorum_received_moves(monkeypatch):
+    cell = Cell(n=3)
+    chain = MemoryChainStore()
+    chain.write_block(cell.genesis)
+    local = LocalChainNode(cell.ids[0], cell.keypairs[0])
+    engine = Engine(EngineConfig(), local, cell.cell, chain, MemoryPendingStore(), MemoryMetaStore(), cell.time)
+    monkeypatch.setattr(engine.chain_sync, "_status", ChainSyncStatus.SYNCHRONIZED)
+    monkeypatch.setattr(engine.commit_manager, "is_my_turn", lambda now_ns: True)
+    rounds: list[int] = []
+    monkeypatch.setattr(engine, "_run_commit_manager", lambda now_ns, cleanup=True: rounds.append(now_ns))
+    now = cell.time.now_ns()
+    engine.peer_received(cell.ids[1], 100, now)  # one peer makes a quorum of 3 with us
+    assert engine.commit_manager.peers_received_up_to == 100 and len(rounds) == 1
+    engine.peer_received(cell.ids[2], 50, now)  # the other one is behind: nothing new to propose
+    assert engine.commit_manager.peers_received_up_to == 100 and len(rounds) == 1
+    engine.peer_received(cell.ids[2], 150, now)
+    assert engine.commit_manager.peers_received_up_to == 150 and len(rounds) == 2

@@ -952,6 +952,11 @@ class CommitManager:
         # Entries neither committed nor in the chain, and in no proposal.
         return len(self.index.waiting) >= self.config.commit_maximum_pending_store_count
 
+    @property
+    def peers_received_up_to(self) -> int | None:
+        """What `set_peers_received_up_to` set last."""
+        return self._peers_received_up_to
+
     def set_peers_received_up_to(self, operation_id: int | None) -> None:
         """Local entries up to this id are known to be held by enough peers to make a quorum with this
         node (the shell tracks its pushes; None: unknown, no restriction). See `_propose`."""

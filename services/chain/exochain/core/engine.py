@@ -257,7 +257,12 @@ class Engine:
         peers = len(self.cell.chain_node_keys) - 1
         needed = next((k for k in range(peers + 1) if self.cell.has_quorum(k + 1)), peers)
         marks = sorted(self._peers_received.values(), reverse=True)
-        self.commit_manager.set_peers_received_up_to(marks[needed - 1] if 0 < needed <= len(marks) else None)
+        quorum_mark = marks[needed - 1] if 0 < needed <= len(marks) else None
+        if quorum_mark == self.commit_manager.peers_received_up_to:
+            # A peer beyond the quorum caught up (the second of two, say): no entry became
+            # proposable, so a commit round would find nothing new (half the rounds of a light load).
+            return
+        self.commit_manager.set_peers_received_up_to(quorum_mark)
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED and self.commit_manager.is_my_turn(now_ns):
             self._run_commit_manager(now_ns, cleanup=False)
 
