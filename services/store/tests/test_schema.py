@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import any_pb2, descriptor_pb2, timestamp_pb2
 from google.protobuf.descriptor import FileDescriptor
 
+import exostore.schema as schema_module
 from exocommon.errors import InvalidArgument
 from exocore.store import entity_pb2, options_pb2
 from exocore.test import test_pb2
@@ -381,3 +382,49 @@ def test_vocabulary_lists_neighbors_and_distances():
     assert osa_distance("kitten", "sitting", 1) == 2  # stops past the limit
     vocabulary.add_tokens(["abc"])
     assert vocabulary.neighbors("ca", 2) is None  # the two distances disagree: the automaton decides
+
+
+def test_specialised_extractors_give_the_generic_values():
+    """Each mapped field's `extract` (specialised once) gives what the generic walk gives, set or not,
+    nested, repeated, and with presence (a proto2 file: its optional scalars have presence)."""
+    app = _app_file()
+    app2 = _app_file("app2/note.proto", "app2")
+    app2.syntax = "proto2"
+    deep = app2.message_type.add(name="Deep")
+    deep.field.extend([_field("word", 1, F.TYPE_STRING, text=True), _field("x", 2, F.TYPE_SINT64, indexed=True)])
+    app2.message_type[1].field.append(_field("deep", 4, F.TYPE_MESSAGE, indexed=True, type_name=".app2.Deep"))
+    registry = TraitRegistry()
+    registry.add_file_descriptor_set(_fds([app, app2]))
+    schema = IndexSchema(registry)
+    rng = random.Random(3)
+    checked = set()
+    for type_name in ("app.Note", "app2.Note", TEST_MESSAGE):
+        mapping = schema.mapping(type_name)
+        assert mapping is not None
+        cls = registry.message_class(type_name)
+        for _ in range(200):
+            message = cls()
+            for path, mapped in mapping.fields.items():
+                if rng.random() < 0.5:
+                    continue
+                parent = message
+                for step in mapped.descriptors[:-1]:
+                    parent = getattr(parent, step.name)
+                leaf = mapped.descriptors[-1]
+                if mapped.repeated:
+                    getattr(parent, leaf.name).extend(rng.choice([[], ["a"], ["b", ""]]))
+                elif mapped.value_kind is ValueKind.TIMESTAMP:
+                    getattr(parent, leaf.name).seconds = rng.choice([0, 5])
+                elif mapped.value_kind is ValueKind.REFERENCE:
+                    getattr(parent, leaf.name).entity_id = rng.choice(["", "e1"])
+                elif mapped.value_kind in (ValueKind.TEXT, ValueKind.STRING):
+                    setattr(parent, leaf.name, rng.choice(["", "word"]))
+                elif mapped.value_kind is ValueKind.BOOL:
+                    setattr(parent, leaf.name, rng.choice([False, True]))
+                else:
+                    setattr(parent, leaf.name, rng.choice([0, 3]))
+                checked.add((type_name, path, mapped.has_presence, len(mapped.descriptors)))
+            for mapped in mapping.fields.values():
+                assert mapped.extract(message) == schema_module._field_values(message, mapped), mapped.path
+    assert any(presence for _, _, presence, _ in checked), "proto2 fields with presence were covered"
+    assert any(depth >= 3 for _, _, _, depth in checked), "a field two messages down was covered"
