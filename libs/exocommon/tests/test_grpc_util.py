@@ -221,9 +221,7 @@ async def test_typed_error_in_unary(env: Env) -> None:
     assert str(typed) == "bad x"
 
 
-async def test_unexpected_error_is_internal_without_leaking(
-    env: Env, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_unexpected_error_is_internal_without_leaking(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="exocommon.grpc.errors"):
         err = await rpc_error(method(env, "Unary")(b"boom", timeout=2))
     assert err.code() is grpc.StatusCode.INTERNAL
@@ -558,6 +556,32 @@ async def test_errors_are_mapped_on_every_call_not_only_the_first():
                 await channel.unary_unary(f"/{SERVICE}/Unary")(b"invalid")
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details() == "bad x"
             assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"fine") == b"fine"
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+async def test_extra_interceptors_run_and_errors_are_still_mapped():
+    # Logging and error mapping wrap the handlers at registration; extra interceptors still run first.
+    seen: list[str] = []
+
+    class Counting(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+            seen.append(handler_call_details.method)
+            return await continuation(handler_call_details)
+
+    state = EchoState()
+    server = ServiceServer(
+        "t", "127.0.0.1:0", [(add_generic, echo_handler(state), SERVICE)], drain_delay_s=0.0, interceptors=[Counting()]
+    )
+    await server.start()
+    channel = create_channel(f"127.0.0.1:{server.bound_port}")
+    try:
+        assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"fine") == b"fine"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary(f"/{SERVICE}/Unary")(b"invalid")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details() == "bad x"
+        assert seen == [f"/{SERVICE}/Unary"] * 2
     finally:
         await channel.close()
         await server.stop()
