@@ -6,7 +6,8 @@ of notes through `EntityStore.Mutate` and measures:
 
 * **indexing**: mutations/s from the first `Mutate` (which appends to the chain) until the last
   mutation is queryable (every request has `wait_indexed`; `--concurrency` requests of `--batch`
-  mutations in flight);
+  mutations in flight); then how long the store keeps working after the load (deferred chain
+  indexing, tantivy merges) and its memory;
 * **queries**: p50/p99 latency of `--queries` sequential `EntityStore.Query` calls per kind, through
   gRPC to the store (one blocking client, pre-encoded requests, first page of 10):
   single-term match, two-term match, trait + field equality (`string3 == folderN`), trait sorted by
@@ -31,6 +32,7 @@ it measures, prints, and says which targets are met.
     .venv/bin/python bench/bench_store.py [--entities 100000] [--queries 1000] [--watches 10,100,1000]
         [--node-dir DIR]   # keep the node folder there; an existing one is reused (no load)
         [--py-spy FILE]    # record a py-spy profile of the store during the query phase
+        [--index-setting chain_index_deferred_write_secs=2]   # a node.yaml store.index setting
 """
 
 from __future__ import annotations
