@@ -56,7 +56,18 @@ class RecordingIndex:
         return SimpleNamespace(caught_up=False)
 
 
-async def follow(events: list[chain_pb2.ChainEvent], gap_s: float, interval_s: float) -> list[list[int]]:
+def pending_batch(size: int) -> chain_pb2.ChainEvent:
+    operations = [chain_pb2.SignedOperation() for _ in range(size)]
+    return chain_pb2.ChainEvent(pending_batch=chain_pb2.PendingOperations(operations=operations))
+
+
+async def follow(
+    events: list[chain_pb2.ChainEvent],
+    gap_s: float,
+    interval_s: float,
+    busy_interval_s: float = 0.0,
+    busy_entries: int = 16,
+) -> list[list[int]]:
     index = RecordingIndex()
     with ThreadPoolExecutor(1) as executor:
         tailer = ChainTailer(
@@ -65,6 +76,8 @@ async def follow(events: list[chain_pb2.ChainEvent], gap_s: float, interval_s: f
             executor,
             lambda update: None,
             min_batch_interval_s=interval_s,
+            busy_batch_interval_s=busy_interval_s,
+            busy_batch_entries=busy_entries,
         )
         with pytest.raises(grpc.aio.AioRpcError):  # the fake stream ends: UNAVAILABLE, as a real one
             await tailer._follow(chain_pb2.SubscribeRequest())
@@ -84,6 +97,22 @@ async def test_without_an_interval_each_event_can_be_its_own_batch():
     batches = await follow([pending(i) for i in ids], gap_s=0.05, interval_s=0.0)
     assert [i for batch in batches for i in batch] == ids
     assert len(batches) >= 5  # 50 ms apart and nothing holding them: (nearly) one batch each
+
+
+async def test_after_a_busy_batch_the_next_waits_longer():
+    # a batch of 5 operations (>= 3): what follows within the busy interval is gathered into one batch
+    ids = list(range(1, 11))
+    batches = await follow([pending_batch(5), *(pending(i) for i in ids)], gap_s=0.01, interval_s=0.0,
+                           busy_interval_s=0.5, busy_entries=3)
+    assert batches == [[0], ids]
+
+
+async def test_sparse_writes_are_not_held_by_the_busy_interval():
+    ids = list(range(1, 11))
+    batches = await follow([pending(i) for i in ids], gap_s=0.03, interval_s=0.0, busy_interval_s=0.5,
+                           busy_entries=3)
+    assert [i for batch in batches for i in batch] == ids
+    assert len(batches) >= 5  # one operation a batch is no busy batch: (nearly) one batch each
 
 
 class BacklogIndex:
