@@ -7,6 +7,7 @@ error mapping), `ErrorMappingInterceptor` (ExocoreError -> status), `RequestLogg
 ExocoreError). See each module's docstring.
 """
 
+from ._served import ErrorMappingInterceptor, RequestLoggingInterceptor
 from .client import (
     DEFAULT_DEADLINE_S,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -15,8 +16,8 @@ from .client import (
     deadline,
     wait_ready,
 )
-from .errors import ErrorMappingInterceptor, exception_from_rpc_error, exception_from_status
-from .logging import RequestLoggingInterceptor, configure_logging
+from .errors import exception_from_rpc_error, exception_from_status
+from .logging import configure_logging
 from .server import Registration, ServiceServer, serve
 
 __all__ = [

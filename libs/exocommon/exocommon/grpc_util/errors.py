@@ -1,7 +1,7 @@
 """Mapping the project's error hierarchy (`exocommon.errors`) to gRPC status codes and back.
 
-Server side: `ErrorMappingInterceptor` wraps every async handler (all four RPC kinds, coroutine
-and async-generator styles); `ServiceServer` does the same when it registers a handler (`_served`).
+Server side: every async handler is wrapped (all four RPC kinds, coroutine and async-generator
+styles) by `ServiceServer` when it registers it, or by `ErrorMappingInterceptor` (both in `_served`).
 An `ExocoreError` raised by the handler ends the call with ``getattr(grpc.StatusCode,
 exc.grpc_status)`` and ``str(exc)`` as details; any other exception ends it with INTERNAL and the
 generic details ``"internal error"`` (the text and traceback are logged, never sent). gRPC's own
@@ -14,10 +14,7 @@ Client side: `exception_from_rpc_error(e)` turns a failed call into the matching
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -25,9 +22,7 @@ import grpc.aio
 from exocommon import errors as _errors
 from exocommon.errors import ExocoreError
 
-from ._handlers import CoroBehavior, GenBehavior, WrappedHandlers, wrap_handler
-
-__all__ = ["INTERNAL_ERROR_DETAILS", "ErrorMappingInterceptor", "exception_from_rpc_error", "status_code_of"]
+__all__ = ["INTERNAL_ERROR_DETAILS", "exception_from_rpc_error", "exception_from_status", "status_code_of"]
 
 _log = logging.getLogger("exocommon.grpc.errors")
 
@@ -54,56 +49,6 @@ def _status_for(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
         extra={"method": method, "error": type(exc).__name__},
     )
     return grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAILS
-
-
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Server interceptor turning handler exceptions into gRPC statuses (see module docstring)."""
-
-    def __init__(self) -> None:
-        self._wrapped = WrappedHandlers()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-
-        def wrap_coro(behavior: CoroBehavior) -> CoroBehavior:
-            async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await behavior(request, context)
-                except grpc.aio.BaseError:
-                    raise
-                except Exception as exc:
-                    if context.done():
-                        raise
-                    code, details = _status_for(exc, method)
-                    await context.abort(code, details)
-
-            return mapped
-
-        def wrap_gen(behavior: GenBehavior) -> GenBehavior:
-            async def mapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    # aclosing: the wrapped generator's `finally` runs as soon as we stop.
-                    async with contextlib.aclosing(behavior(request, context)) as responses:  # type: ignore[type-var]
-                        async for response in responses:
-                            yield response
-                except grpc.aio.BaseError:
-                    raise
-                except Exception as exc:
-                    if context.done():
-                        raise
-                    code, details = _status_for(exc, method)
-                    await context.abort(code, details)
-
-            return mapped
-
-        return self._wrapped.get(method, handler, lambda: wrap_handler(handler, wrap_coro, wrap_gen))
 
 
 def _code_to_class() -> dict[grpc.StatusCode, type[ExocoreError]]:

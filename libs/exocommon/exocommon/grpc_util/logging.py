@@ -5,33 +5,27 @@
   Anything passed as ``extra={...}`` to a log call is appended as key=value; exceptions are
   appended as one escaped ``exc="..."`` field so every record stays one line. Level names are
   the exo CLI's: off, error, warn, info, debug, trace (plus warning/critical).
-* `RequestLoggingInterceptor` logs one line per call, ``msg=rpc method=... peer=... code=...
-  duration_ms=...``, at DEBUG when the call ends OK and INFO otherwise (logger
-  ``exocommon.grpc.requests``). It should be the outermost interceptor so it sees the status
-  set by `ErrorMappingInterceptor`. `ServiceServer` does the same without interceptors (`_served`).
+* one line per call, ``msg=rpc method=... peer=... code=... duration_ms=...``, at DEBUG when the call
+  ends OK and INFO otherwise (logger ``exocommon.grpc.requests``): written by the handler wrapper of
+  `ServiceServer`, or by `RequestLoggingInterceptor` (both in `_served`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as _dt
 import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TextIO
+from typing import TextIO
 
 import grpc
 import grpc.aio
 
-from ._handlers import CoroBehavior, GenBehavior, WrappedHandlers, wrap_handler
-
 __all__ = [
     "TRACE",
     "KeyValueFormatter",
-    "RequestLoggingInterceptor",
     "configure_logging",
     "log_unimplemented",
     "parse_level",
@@ -176,55 +170,3 @@ def _finish(
 def log_unimplemented(method: str) -> None:
     """The request log line of a call to a method the server does not serve."""
     _request_log.info("rpc", extra={"method": method, "code": "UNIMPLEMENTED"})
-
-
-class RequestLoggingInterceptor(grpc.aio.ServerInterceptor):
-    """Server interceptor logging one line per call (see module docstring)."""
-
-    def __init__(self) -> None:
-        self._wrapped = WrappedHandlers()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            log_unimplemented(method)
-            return handler
-
-        def wrap_coro(behavior: CoroBehavior) -> CoroBehavior:
-            async def logged(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.monotonic()
-                peer = _peer_of(context)
-                error: BaseException | None = None
-                try:
-                    return await behavior(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    _finish(method, context, start, error, peer)
-
-            return logged
-
-        def wrap_gen(behavior: GenBehavior) -> GenBehavior:
-            async def logged(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                start = time.monotonic()
-                peer = _peer_of(context)
-                error: BaseException | None = None
-                try:
-                    async with contextlib.aclosing(behavior(request, context)) as responses:  # type: ignore[type-var]
-                        async for response in responses:
-                            yield response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    _finish(method, context, start, error, peer)
-
-            return logged
-
-        return self._wrapped.get(method, handler, lambda: wrap_handler(handler, wrap_coro, wrap_gen))
