@@ -386,6 +386,7 @@ def _validate_settings(cfg: config_pb2.LocalNodeConfig, source: str) -> None:
             "commit_max_pending_operations",
             "tick_interval_ms",
             "sync_interval_ms",
+            "commit_min_interval_ms",
         ):
             _check_positive(cfg.chain, f, "chain", source)
     if cfg.HasField("apphost"):

@@ -8,6 +8,7 @@
 | `commit_max_pending_operations`   | commit_manager.commit_maximum_pending_store_count | 10     |
 | `tick_interval_ms`                | tick_interval_ns                                 | 100     |
 | `sync_interval_ms`                | pending_sync / chain_sync request_min_interval_ns | 5000   |
+| `commit_min_interval_ms`          | commit_manager.commit_minimum_interval_ns        | none (new) |
 
 Everything else keeps the original's defaults (`exochain.core.common`).
 """
@@ -65,6 +66,7 @@ def engine_config_from_node(cfg: LocalNodeConfig, source: str = "node.yaml") -> 
         commit_maximum_pending_store_count=_setting(
             cfg, "commit_max_pending_operations", commit_defaults.commit_maximum_pending_store_count, source
         ),
+        commit_minimum_interval_ns=ms("commit_min_interval_ms", commit_defaults.commit_minimum_interval_ns),
     )
     sync_min_ns = ms("sync_interval_ms", pending_defaults.request_min_interval_ns)
     configured_sync = cfg.HasField("chain") and cfg.chain.HasField("sync_interval_ms")

@@ -335,6 +335,70 @@ def test_commit_after_maximum_pending_operations():
     assert cluster.now() - node.last().header.proposed_operation_id < INTERVAL
 
 
+def test_minimum_interval_holds_proposals_by_count_back_right_after_a_block():
+    minimum_ms = 20
+    config = CommitManagerConfig(
+        commit_maximum_pending_store_count=1, commit_minimum_interval_ns=minimum_ms * NS_PER_MS
+    )
+    cluster = Cluster(1, config=config)
+    node = cluster.nodes[0]
+    cluster.advance_ms(10)
+    cluster.push_entry(0)
+    cluster.tick(0)
+    cluster.tick(0)
+    first = node.last()
+    assert first.offset != 0
+
+    # One entry waiting is enough (count 1), but the last block was proposed under 20 ms ago.
+    cluster.advance_ms(5)
+    early = cluster.push_entry(0)
+    assert cluster.tick(0).new_operations == []
+    cluster.advance_ms(10)
+    later = cluster.push_entry(0)
+    assert cluster.tick(0).new_operations == []
+    assert node.last().offset == first.offset
+
+    # Once the minimum interval elapsed, both go into one block.
+    cluster.advance_ns(minimum_ms * NS_PER_MS - (cluster.now() - first.header.proposed_operation_id))
+    [proposal] = cluster.tick(0).new_operations
+    assert proposal.kind is OperationKind.BLOCK_PROPOSE
+    cluster.tick(0)
+    assert node.last().offset != first.offset
+    assert node.last().head.operation_ids == [early, later]
+
+    # The commit interval still wins over a minimum interval longer than it.
+    slow = CommitManagerConfig(commit_minimum_interval_ns=2 * INTERVAL)
+    cluster = Cluster(1, config=slow)
+    node = cluster.nodes[0]
+    cluster.advance_ms(10)
+    cluster.push_entry(0)
+    cluster.tick(0)
+    cluster.tick(0)
+    cluster.advance_ns(INTERVAL)
+    waiting = cluster.push_entry(0)
+    cluster.tick(0)
+    cluster.tick(0)
+    assert node.last().head.operation_ids == [waiting]
+
+
+def test_without_a_minimum_interval_a_block_follows_the_last_at_once():
+    config = CommitManagerConfig(commit_maximum_pending_store_count=1)
+    assert config.commit_minimum_interval_ns == 0  # the original's behaviour by default
+    cluster = Cluster(1, config=config)
+    node = cluster.nodes[0]
+    cluster.advance_ms(10)
+    cluster.push_entry(0)
+    cluster.tick(0)
+    cluster.tick(0)
+    first_offset = node.last().offset
+    cluster.advance_ms(1)
+    waiting = cluster.push_entry(0)
+    cluster.tick(0)
+    cluster.tick(0)
+    assert node.last().offset != first_offset
+    assert node.last().head.operation_ids == [waiting]
+
+
 def test_commit_status_is_set_on_commit():
     cluster = Cluster(1)
     node = cluster.nodes[0]

@@ -55,6 +55,7 @@ def test_settings_read_every_chain_key_of_node_yaml():
         "commit_max_pending_operations": 50,
         "tick_interval_ms": 20,
         "sync_interval_ms": 200,
+        "commit_min_interval_ms": 15,
     }.items():
         getattr(cfg.chain, key).value = value
     config = engine_config_from_node(cfg)
@@ -63,6 +64,7 @@ def test_settings_read_every_chain_key_of_node_yaml():
     assert config.commit_manager.block_proposal_timeout_ns == 900 * NS_PER_MS
     assert config.commit_manager.operations_cleanup_after_block_depth == 3
     assert config.commit_manager.commit_maximum_pending_store_count == 50
+    assert config.commit_manager.commit_minimum_interval_ns == 15 * NS_PER_MS
     for sync in (config.pending_sync, config.chain_sync):
         assert sync.request_min_interval_ns == 200 * NS_PER_MS
         assert sync.request_max_interval_ns == 6 * 200 * NS_PER_MS

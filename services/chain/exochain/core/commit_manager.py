@@ -19,7 +19,9 @@ B. **Best next block**: among the `NEXT_POTENTIAL` proposals, the one I signed, 
    it (rules in `_vote`); if I have signed it and it has a quorum of valid chain-node signatures, I
    commit it. At most one block is committed per round (a lagging node catches up one per round).
 C. **Otherwise propose**, when I am a chain node, it is my turn (`commit_turn_node_id`) and either
-   enough entries wait or the last block is older than the commit interval.
+   enough entries wait or the last block is older than the commit interval (beyond the original,
+   a configured minimum interval, `commit_minimum_interval_ns`, holds the former back right after a
+   block).
 D. **Clean up** what is buried `operations_cleanup_after_block_depth` blocks deep.
 
 Rules that matter for safety:
@@ -947,8 +949,14 @@ class CommitManager:
     def _should_propose(self, now_ns: int, blocks: PendingBlocks, last: BlockHeaderView) -> bool:
         if not self.cell.is_chain_node(self.local.node_id) or not self.is_my_turn(now_ns):
             return False
-        if now_ns - _time_ns(last.proposed_operation_id) >= self.config.commit_maximum_interval_ns:
+        since_last = now_ns - _time_ns(last.proposed_operation_id)
+        if since_last >= self.config.commit_maximum_interval_ns:
             return True
+        if since_last < self.config.commit_minimum_interval_ns:
+            # Beyond the original: too soon after the last block for a proposal by count (entries
+            # arriving meanwhile go into the next block; a later round, at the latest the next
+            # tick, proposes them).
+            return False
         # Entries neither committed nor in the chain, and in no proposal.
         return len(self.index.waiting) >= self.config.commit_maximum_pending_store_count
 
