@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from exocommon.errors import InvalidArgument
-from exocommon.grpc_util import ServiceServer, create_channel
+from exocommon.grpc_util import ServiceServer, create_channel, link
 from exocommon.grpc_util.errors import INTERNAL_ERROR_DETAILS
 from exocommon.grpc_util.link import (
     LINK_METHOD,
@@ -214,6 +214,60 @@ async def test_a_server_without_links_is_reported_as_unsupported():
             await client.call(ECHO, b"x", 5.0)
         assert info.value.unsupported
         assert client.unsupported
+
+
+@contextlib.asynccontextmanager
+async def raw_link_server(metadata_delay_s: float | None) -> AsyncIterator[tuple[str, list[tuple[str, float]]]]:
+    """A link server of its own: sends its initial metadata after `metadata_delay_s` (None: never before
+    its first answer), records when that happened and when each request frame arrived, answers b"ok"."""
+    events: list[tuple[str, float]] = []
+    loop = asyncio.get_running_loop()
+
+    async def calls(requests, context):
+        async def read() -> None:
+            async for frame in requests:
+                events.append(("frame", loop.time()))
+                for call in frame.calls:
+                    await context.write(link_pb2.LinkFrame(calls=[link_pb2.LinkCall(id=call.id, body=b"ok")]))
+
+        reader = asyncio.create_task(read())
+        if metadata_delay_s is not None:
+            await asyncio.sleep(metadata_delay_s)
+            events.append(("metadata", loop.time()))
+            await context.send_initial_metadata(())
+        await reader
+
+    service, method = LINK_METHOD.strip("/").split("/")
+    handler = grpc.stream_stream_rpc_method_handler(
+        calls,
+        request_deserializer=link_pb2.LinkFrame.FromString,
+        response_serializer=link_pb2.LinkFrame.SerializeToString,
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", events
+    finally:
+        await server.stop(0)
+
+
+async def test_a_new_stream_writes_its_first_frame_once_the_server_answered():
+    # (a frame written while a server without the link answers UNIMPLEMENTED made grpc end the call INTERNAL)
+    async with raw_link_server(0.3) as (address, events), link_client(address) as client:
+        assert await client.call(ECHO, b"x", 5.0) == b"ok"
+        assert [kind for kind, _ in events] == ["metadata", "frame"]
+
+
+async def test_a_server_that_answers_nothing_first_still_gets_the_calls(monkeypatch):
+    monkeypatch.setattr(link, "HANDSHAKE_S", 0.2)
+    async with raw_link_server(None) as (address, events), link_client(address) as client:
+        started = asyncio.get_running_loop().time()
+        assert await client.call(ECHO, b"x", 5.0) == b"ok"
+        assert [kind for kind, _ in events] == ["frame"]
+        assert events[0][1] - started >= 0.15  # written once the wait was over
+        assert await client.call(ECHO, b"y", 5.0) == b"ok"  # later frames do not wait
 
 
 async def test_calls_in_flight_when_the_server_goes_away_fail_and_the_next_call_reopens():

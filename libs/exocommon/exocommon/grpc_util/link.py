@@ -68,6 +68,11 @@ PIECE_BYTES = 256 * 1024
 _FRAME_BYTES = PIECE_BYTES
 # `LinkClient`'s `gather_s` applies from this many calls in flight (a caller with a few waits for nothing).
 GATHER_MIN_IN_FLIGHT = 8
+# A new stream's first frame waits (at most this long) for the server's initial metadata, which
+# `LinkServicer` sends at once: a server without the link answers UNIMPLEMENTED instead, and a frame
+# written while that answer arrives made grpc end the call INTERNAL ("Internal error from Core"), so the
+# client could not tell that nothing ran. Past the wait (a server that sends nothing first) it writes.
+HANDSHAKE_S = 2.0
 
 LinkHandler = Callable[[bytes, float | None], Awaitable[bytes]]
 
@@ -223,9 +228,22 @@ class _Stream:
             def hold() -> float:
                 return gather_s if len(pending) >= gather_min_in_flight else 0.0
 
-        self.writer = _FrameWriter(call.write, "link-writer", hold)
+        self.writer = _FrameWriter(self._write, "link-writer", hold)
         self.broken: LinkBroken | None = None
+        self._answered = False
         self.reader: asyncio.Task[None] | None = None
+
+    async def _write(self, frame: link_pb2.LinkFrame) -> None:
+        call = self.call
+        if not self._answered:  # see HANDSHAKE_S
+            try:
+                await asyncio.wait_for(asyncio.shield(call.initial_metadata()), HANDSHAKE_S)
+            except TimeoutError:
+                pass
+            self._answered = True
+        if call.done():
+            raise ConnectionError("the link's stream ended")  # the reader reports the status
+        await call.write(frame)
 
 
 class LinkClient:
@@ -364,6 +382,7 @@ class LinkServicer:
         self._handlers = dict(handlers)
 
     async def Calls(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.send_initial_metadata(())  # the client's first frame waits for it (HANDSHAKE_S)
         writer = _FrameWriter(context.write, "link-server-writer")
         assembler = _Assembler()
         tasks: dict[int, asyncio.Task[None]] = {}
