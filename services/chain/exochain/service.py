@@ -80,7 +80,7 @@ from google.protobuf.message import DecodeError
 
 from exochain.core.common import ChainCell, LocalChainNode, Outgoing
 from exochain.core.engine import MAX_ENTRY_BYTES, ChainTruncated, Engine, EngineEvent, NewBlocks, NewPendingOperations
-from exochain.model import BlockView, SignedOp, block_event_bytes, pending_batch_event_bytes
+from exochain.model import BlockView, SignedOp, block_event_bytes, pending_batch_event_bytes, sign_payload
 from exocommon import canonical
 from exocommon.clock import Clock, TimeSource
 from exocommon.config import Cell, Role
@@ -152,6 +152,11 @@ class ShellConfig:
     # Flow control too: an append waits while this node holds this many entries not committed yet
     # (a chain that cannot keep up, or has no quorum, does not let the pending store grow without end).
     append_uncommitted_max: int = 10_000
+    # After an append alone (no other under way), its push to the peers (and the commit round) wait
+    # this long: on a machine the caller shares with the peers (a cell on one host, as the benchmark
+    # and tests run it), the peers waking up to store the entries took the cores from the caller
+    # reading its answer. A later append meanwhile rides along with the same push.
+    lone_append_push_delay_s: float = 0.002
     # Per subscriber: buffered events (the original's events_stream_buffer_size); subscribers.
     subscriber_queue_len_max: int = 1_000
     subscribers_max: int = 256
@@ -207,7 +212,7 @@ class EnvelopeSigner:
             to_node_id=to_node_id,
             sent_at=sent_at,
             message_bytes=message_bytes,
-            signature=self.local.keypair.sign(payload),
+            signature=sign_payload(self.local.keypair, payload),
             urgent=urgent,
         )
 
@@ -950,22 +955,25 @@ class ChainService:
         when this returns."""
         appended = False
         self._appends_under_way += 1
+        lone = False
         try:
             await self._replication_room()
             await self._commit_room()
             operation_ids = await self._input(lambda: self.append(entries, deferred=True))
             appended = True
-            await self.durable(lone_append=self._appends_under_way == 1)
+            lone = self._appends_under_way == 1
+            await self.durable(lone_append=lone)
         finally:
             self._appends_under_way -= 1
             if appended:
                 # The push of these entries to the peers, and the proposal they may allow, are made
-                # once the answer is on its way (grpc sends it in this step; this input runs after).
+                # once the answer is on its way (grpc sends it in this step; this input runs after),
+                # a little later still for an append alone (see `ShellConfig.lone_append_push_delay_s`).
                 # Even if the caller gave up meanwhile: its outputs wait for the sync anyway.
-                self._after_append_scheduled()
+                self._after_append_scheduled(self.config.lone_append_push_delay_s if lone else 0.0)
         return operation_ids
 
-    def _after_append_scheduled(self) -> None:
+    def _after_append_scheduled(self, delay_s: float = 0.0) -> None:
         def after_append() -> None:
             self.engine.after_append(self._now_ns())
             self._after_input()
@@ -981,8 +989,14 @@ class ChainService:
             self._after_append_pending = False  # from here on, new entries need a new round
             after_append()
 
-        task = asyncio.ensure_future(self._input(run, urgent=True))
-        task.add_done_callback(_log_failure)
+        def schedule() -> None:
+            task = asyncio.ensure_future(self._input(run, urgent=True))
+            task.add_done_callback(_log_failure)
+
+        if delay_s > 0:
+            asyncio.get_running_loop().call_later(delay_s, schedule)
+        else:
+            schedule()
 
     async def _commit_room(self) -> None:
         """Waits while too many entries wait to be committed (flow control)."""

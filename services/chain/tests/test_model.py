@@ -20,6 +20,7 @@ from exochain.model import (
     new_entry,
     sign_block,
     sign_operations,
+    sign_payload,
     validate_block,
     validate_genesis,
 )
@@ -213,6 +214,29 @@ def test_signed_op_round_trip():
         assert decoded.merkle_root() == op.merkle_root()
         assert decoded.kind is OperationKind.ENTRY and decoded.entry_data == op.entry_data
         assert decoded.header() == op.header()
+
+
+@pytest.mark.parametrize("size", [1, 150, 5000])
+def test_a_batch_of_one_is_encoded_and_signed_as_the_general_path_does(size):
+    # The single-operation path writes the SignedOperation itself; the general path (a batch of
+    # two, whose first operation is the same) shows what the Merkle root and signature must be.
+    operation = new_entry(7000, NODE_IDS[0], b"x" * size)
+    [op] = sign_operations([operation], NODE_KPS[0])
+    assert op.encoded is not None
+    assert op.encoded == op.to_proto().SerializeToString()
+    assert SignedOp.decode(op.encoded) == op
+    assert (op.batch_proof, op.batch_index, op.batch_size) == ((), 0, 1)
+    assert op.merkle_root() == canonical.merkle_root_and_proofs([op.hash])[0]
+    assert op.signature == NODE_KPS[0].sign(canonical.operation_batch_payload(op.merkle_root()))
+    assert SignatureChecker(CHAIN_KEYS.get).verify(op)
+    assert not SignatureChecker({NODE_IDS[0]: NODE_KPS[1].public_key}.get).verify(op)
+
+
+def test_sign_payload_is_the_keypair_signature():
+    for keypair in NODE_KPS[:2]:
+        for payload in (b"", b"abc", bytes(range(256)) * 3):
+            assert sign_payload(keypair, payload) == keypair.sign(payload)
+            assert keypair.public_key.verify(payload, sign_payload(keypair, payload))
 
 
 def test_all_operation_kinds_round_trip():

@@ -112,7 +112,7 @@ def test_envelope_checks_each_field():
 # -- subscriptions ------------------------------------------------------------------------------
 
 
-def one_node_service(queue_len: int = 1000) -> ChainService:
+def one_node_service(queue_len: int = 1000, push_delay_s: float = 0.0) -> ChainService:
     cell_key, node_key = Keypair.generate(), Keypair.generate()
     node_id, cell_id = node_id_of(node_key), node_id_of(cell_key)
     cell = ChainCell(cell_id, cell_key.public_key, {node_id: node_key.public_key}, {})
@@ -129,7 +129,8 @@ def one_node_service(queue_len: int = 1000) -> ChainService:
         MemoryMetaStore(),
         time_source,
     )
-    return ChainService(engine, {}, time_source, ShellConfig(subscriber_queue_len_max=queue_len))
+    config = ShellConfig(subscriber_queue_len_max=queue_len, lone_append_push_delay_s=push_delay_s)
+    return ChainService(engine, {}, time_source, config)
 
 
 def kind(event: chain_pb2.ChainEvent) -> str:
@@ -366,6 +367,45 @@ async def test_a_lone_append_syncs_on_the_loop_even_among_dense_inputs_and_concu
         assert not durability.unsynced
     finally:
         sync_task.cancel()
+
+
+async def _loop_steps(count: int = 10) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_the_push_of_a_lone_append_lingers_and_that_of_concurrent_ones_does_not():
+    # One node: its after-append round proposes, signs and commits a block of what was appended
+    # (the genesis is older than the commit interval), which shows when that round ran.
+    for delay_s, lingers in ((3600.0, True), (0.0, False)):
+        service = one_node_service(push_delay_s=delay_s)
+        service._tick()  # type: ignore[attr-defined]  # synchronized (no peers), nothing to propose
+        service._inputs_task = asyncio.create_task(service._process_inputs())  # type: ignore[attr-defined]
+        try:
+            ids = await service.append_durably([b"alone"])
+            await _loop_steps()
+            assert service.engine.chain.block_count() == (1 if lingers else 2)
+            assert (service.engine.chain.block_offset_of_operation(ids[0]) is None) is lingers
+        finally:
+            service._inputs_task.cancel()  # type: ignore[attr-defined]
+
+    service = one_node_service(push_delay_s=3600.0)
+    service._tick()  # type: ignore[attr-defined]
+    service._inputs_task = asyncio.create_task(service._process_inputs())  # type: ignore[attr-defined]
+    try:
+        run_input = service._input
+
+        async def input_after_a_step(work, urgent=False):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0)  # both appends are under way before either is stored
+            return await run_input(work, urgent)
+
+        service._input = input_after_a_step  # type: ignore[method-assign]
+        first, second = await asyncio.gather(service.append_durably([b"one"]), service.append_durably([b"two"]))
+        await _loop_steps()
+        assert service.engine.chain.block_count() == 2
+        assert service.engine.chain.last_block().head.operation_ids == first + second  # type: ignore[union-attr]
+    finally:
+        service._inputs_task.cancel()  # type: ignore[attr-defined]
 
 
 async def test_queued_pending_batches_go_out_as_one_event():
