@@ -27,7 +27,9 @@ Theory of operation
   runs on the event loop at once instead (the thread's hops would cost more than the sync). (With a
   storage whose writes are durable when they return, as in tests, outputs go out at once.)
 * **Answer first.** An append is answered once its entries are durable; their push to the peers
-  and the commit round they may allow (`Engine.after_append`) run right after, as an urgent input.
+  and the commit round they may allow (`Engine.after_append`) run right after, as an urgent input
+  (2 ms later after an append alone, `ShellConfig.lone_append_push_delay_s`: appends made meanwhile
+  go with the same push, and the caller reads its answer before the peers wake up to store it).
 * **Peer links.** Each other chain node gets a `PeerLink`: bounded queues (the oldest message is
   dropped when one is full; pending sync and chain sync are anti-entropy protocols, so a lost
   message is repaired by a later round) and one task that signs each message in a `PeerEnvelope`
