@@ -12,6 +12,8 @@ Prints, per chain configuration (the original's defaults, then a tuned one):
   as the previous one returned, as etcd's one-client figure is measured); each runs twice: first
   before any subscriber exists (the append path alone), then with the subscribers (as with stores
   attached). Next to them, the floor: a trivial call's round trip (`Status`), paced and back to back;
+  paced calls come at `--probe-rate` on average, each pause drawn within +-50% of the mean
+  (a fixed period locks the calls to one phase of the nodes' ticks for a whole run);
 * the time an empty node (chain wiped back to its genesis) takes to catch up the cell's chain (the
   entries of the runs before, topped up to `--catchup-ops` if fewer), and the operations/s;
 * CPU seconds used by each node and by this client per run (2 cores are shared by all of them).
@@ -42,6 +44,7 @@ import asyncio
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import sys
 import tempfile
 import time
@@ -237,6 +240,14 @@ class Bench:
         self.discontinuities = 0
         # Entries of the blocks seen on node 1 since its subscription started.
         self.entries_seen = 0
+        self._gaps = random.Random(args.seed)
+
+    def probe_gap(self, mean_s: float) -> float:
+        """The pause before a paced call: uniform within +-50% of the mean. At a fixed period the
+        calls kept one phase against the nodes' ticks (20 or 100 ms) for a whole run, and a call's
+        latency depends on that phase (measured on one cell: p50 from 0.9 to 2.0 ms per phase),
+        so a run's p50 was that of one phase drawn at random; jittered, a run samples them all."""
+        return mean_s * self._gaps.uniform(0.5, 1.5)
 
     async def close(self) -> None:
         if self.watcher is not None and self.watcher_conn is not None:
@@ -259,7 +270,7 @@ class Bench:
         for latencies, pause in ((paced, 1 / self.args.probe_rate), (sequence, 0.0)):
             for _ in range(calls if pause == 0 else max(20, int(self.args.duration * self.args.probe_rate))):
                 if pause:
-                    await asyncio.sleep(pause)
+                    await asyncio.sleep(self.probe_gap(pause))
                 started = time.monotonic()
                 await self.status(0)
                 latencies.append((time.monotonic() - started) * 1000)
@@ -352,7 +363,7 @@ class Bench:
                 sequence += 1
                 await self._append(node, self._entries(batch, sequence), result)
                 if rate:
-                    next_call += 1 / rate
+                    next_call += self.probe_gap(1 / rate)
                     await asyncio.sleep(max(0.0, next_call - time.monotonic()))
 
         await asyncio.gather(*(appender(i) for i in range(appenders)))
@@ -516,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="entries per append call")
     parser.add_argument("--entry-bytes", type=int, default=200)
     parser.add_argument("--probe-rate", type=float, default=20.0, help="calls/s of the latency probe")
+    parser.add_argument("--seed", type=int, default=1, help="of the probe's jittered pauses")
     parser.add_argument("--catchup-ops", type=int, default=100_000, help="0: skip the catch-up measure")
     parser.add_argument("--runs", default="probe,seq,1,16,catchup", help="which measures, of probe,seq,1,16,catchup")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 20,000-operation catch-up")
