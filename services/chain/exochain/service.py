@@ -707,6 +707,8 @@ class ChainService:
         self._inputs_task: asyncio.Task[None] | None = None
         self._input_running = False
         self._after_append_pending = False
+        # The lingering push of a lone append (see `_after_append_scheduled`), cancelled by `close`.
+        self._push_timer: asyncio.TimerHandle | None = None
         # Appends between their call and their answer (a lone one syncs on the loop: `_idle_for_sync`).
         self._appends_under_way = 0
         self._last_input_at = 0.0
@@ -733,6 +735,8 @@ class ChainService:
     async def close(self) -> None:
         """Stops the driver and the peer links (the storage is the caller's to close)."""
         self.end_streams()
+        if self._push_timer is not None:
+            self._push_timer.cancel()  # its entries are durable here: pending sync replicates them later
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -996,7 +1000,7 @@ class ChainService:
             task.add_done_callback(_log_failure)
 
         if delay_s > 0:
-            asyncio.get_running_loop().call_later(delay_s, schedule)
+            self._push_timer = asyncio.get_running_loop().call_later(delay_s, schedule)
         else:
             schedule()
 

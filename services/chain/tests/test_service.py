@@ -408,6 +408,20 @@ async def test_the_push_of_a_lone_append_lingers_and_that_of_concurrent_ones_doe
         service._inputs_task.cancel()  # type: ignore[attr-defined]
 
 
+async def test_close_cancels_a_lingering_push():
+    service = one_node_service(push_delay_s=0.01)
+    service._tick()  # type: ignore[attr-defined]
+    inputs = asyncio.create_task(service._process_inputs())  # type: ignore[attr-defined]
+    service._inputs_task = inputs  # type: ignore[attr-defined]
+    try:
+        await service.append_durably([b"alone"])
+        await service.close()
+        await asyncio.sleep(0.05)  # past the linger: its round would have committed a block
+        assert service.engine.chain.block_count() == 1
+    finally:
+        inputs.cancel()
+
+
 async def test_queued_pending_batches_go_out_as_one_event():
     service = one_node_service()
     stream = service.subscribe(chain_pb2.SubscribeRequest(pending_batches=True))
