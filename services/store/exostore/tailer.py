@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BATCH_SIZE = 50
+# A batch also stops once it holds this many operations (pending or in blocks; an event of a 500-entry
+# append carries 500): when the indexing thread fell behind a burst, 50 events were up to 50,000 operations,
+# applied in ~5 s during which none of them was searchable.
+BATCH_OPERATIONS = 20_000
 # While events keep coming, a batch is applied at most this often (less when a full batch waits): each
 # applied batch is a commit of the pending index, whose fixed cost (milliseconds of tantivy CPU, most of
 # it merging the segment it adds) dwarfs a mutation's. A batch after a quiet spell goes at once.
@@ -79,6 +83,7 @@ class ChainTailer:
         on_update: Callable[[IndexUpdate], None],
         *,
         batch_size: int = BATCH_SIZE,
+        batch_operations: int = BATCH_OPERATIONS,
         min_batch_interval_s: float = MIN_BATCH_INTERVAL_S,
         busy_batch_interval_s: float = BUSY_BATCH_INTERVAL_S,
         busy_batch_entries: int = BUSY_BATCH_ENTRIES,
@@ -90,6 +95,7 @@ class ChainTailer:
         self._executor = executor
         self._on_update = on_update
         self._batch_size = batch_size
+        self._batch_operations = batch_operations
         self._min_batch_interval_s = min_batch_interval_s
         self._busy_batch_interval_s = max(busy_batch_interval_s, min_batch_interval_s)
         self._busy_batch_entries = busy_batch_entries
@@ -174,13 +180,15 @@ class ChainTailer:
                 if wait > 0 and queue.qsize() + 1 < self._batch_size:
                     await asyncio.sleep(wait)  # let the batch fill (see MIN_BATCH_INTERVAL_S)
                 batch = [first]
+                operations = _entries(first)  # type: ignore[arg-type]
                 ended: object | None = None
-                while len(batch) < self._batch_size and not queue.empty():
+                while len(batch) < self._batch_size and operations < self._batch_operations and not queue.empty():
                     item = queue.get_nowait()
                     if item is _END or isinstance(item, BaseException):
                         ended = item
                         break
                     batch.append(item)
+                    operations += _entries(item)  # type: ignore[arg-type]
                 discontinuity = any(e.WhichOneof("event") == "discontinuity" for e in batch)  # type: ignore[attr-defined]
                 events = [e for e in batch if e.WhichOneof("event") != "discontinuity"]  # type: ignore[attr-defined]
                 if events:

@@ -67,8 +67,10 @@ async def follow(
     interval_s: float,
     busy_interval_s: float = 0.0,
     busy_entries: int = 16,
+    batch_operations: int = 20_000,
+    index: RecordingIndex | None = None,
 ) -> list[list[int]]:
-    index = RecordingIndex()
+    index = index if index is not None else RecordingIndex()
     with ThreadPoolExecutor(1) as executor:
         tailer = ChainTailer(
             FakeStub(events, gap_s),  # type: ignore[arg-type]
@@ -78,6 +80,7 @@ async def follow(
             min_batch_interval_s=interval_s,
             busy_batch_interval_s=busy_interval_s,
             busy_batch_entries=busy_entries,
+            batch_operations=batch_operations,
         )
         with pytest.raises(grpc.aio.AioRpcError):  # the fake stream ends: UNAVAILABLE, as a real one
             await tailer._follow(chain_pb2.SubscribeRequest())
@@ -114,6 +117,28 @@ async def test_sparse_writes_are_not_held_by_the_busy_interval():
                            busy_entries=4)
     assert [i for batch in batches for i in batch] == ids
     assert len(batches) >= 5  # one operation a batch is no busy batch: (nearly) one batch each
+
+
+class SizeIndex(RecordingIndex):
+    """Records the operations of each event of a batch."""
+
+    def apply_chain_events(self, events: list[chain_pb2.ChainEvent]) -> SimpleNamespace:
+        self.batches.append([len(e.pending_batch.operations) for e in events])
+        return SimpleNamespace(caught_up=False)
+
+
+@pytest.mark.parametrize("cap", [1000, 100_000])
+async def test_a_batch_stops_at_its_operation_cap(cap: int):
+    # 12 events of 400 operations arrive while the first batch's interval holds the rest back
+    batches = await follow([pending_batch(400) for _ in range(12)], gap_s=0.001, interval_s=0.3,
+                           batch_operations=cap, index=SizeIndex())
+    assert sum(map(len, batches)) == 12  # nothing lost
+    assert batches[0] == [400]  # the first at once
+    if cap == 1000:
+        # a batch takes events until it holds 1,000 operations or more: 400 + 400 + 400
+        assert [len(b) for b in batches[1:]] == [3, 3, 3, 2]
+    else:
+        assert [len(b) for b in batches[1:]] == [11]
 
 
 class BacklogIndex:
