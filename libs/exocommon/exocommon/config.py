@@ -1038,10 +1038,12 @@ class EntityIndexSettings:
     chain_index_deferred_query_secs: int = 15
     chain_index_deferred_max_secs: int = 300
     # New: nor while pending writes keep coming (0: no wait), and neither wait holds once the pending index has
-    # this many operations (0: no bound). No write wait by default: measured with `make bench-store`, a burst
-    # of 100,000 notes became searchable ~10% sooner with a 2 s wait, but the deferred chain indexing then
-    # cost more in all (the burst was chain-indexed ~25% later, store memory peaked 1,080 MB instead of 760).
-    chain_index_deferred_write_secs: int = 0
+    # this many operations (0: no bound). A chain-index round during a burst takes CPU and the indexing
+    # thread from the pending index; measured with `make bench-store` (100,000 notes, open loop), the 2 s
+    # wait made the burst searchable at 8,300-10,300/s instead of ~8,000, the store's CPU for the load and
+    # the chain indexing after it together 24.3 s instead of 27.7 s, the same peak memory (~1.05 GB); the
+    # burst is chain-indexed later (a round of every 20,000 operations once writes stop).
+    chain_index_deferred_write_secs: int = 2
     chain_index_deferred_max_pending: int = 100_000
     pending_index: MutationIndexSettings = field(default_factory=MutationIndexSettings)
     chain_index: MutationIndexSettings = field(default_factory=MutationIndexSettings)

@@ -585,7 +585,7 @@ def test_settings_defaults():
         i.chain_index_deferred_max_secs,
         i.chain_index_deferred_write_secs,
         i.chain_index_deferred_max_pending,
-    ) == (5, 15, 300, 0, 100_000)
+    ) == (5, 15, 300, 2, 100_000)
     for m in (i.pending_index, i.chain_index):
         assert m == MutationIndexSettings(1, 30_000_000, 5000)  # one writer thread: see config.py
     assert (i.garbage_collector.run_interval_secs, i.garbage_collector.queue_size) == (13, 500)
