@@ -63,7 +63,6 @@ from exostore.schema import (
     F_CREATION_DATE,
     F_DOCUMENT_TYPE,
     F_ENTITY_ID,
-    F_ENTITY_TRAIT_ID,
     F_HAS_REFERENCE,
     F_MODIFICATION_DATE,
     F_OPERATION_ID,
@@ -562,7 +561,6 @@ class MutationIndex:
         if isinstance(op, TraitTombstoneOperation):
             doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.TRAIT_TOMBSTONE)
             doc.add_text(F_TRAIT_ID, op.trait_id)
-            doc.add_text(F_ENTITY_TRAIT_ID, f"{op.entity_id}_{op.trait_id}")
         elif isinstance(op, EntityTombstoneOperation):
             doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.ENTITY_TOMBSTONE)
         else:
@@ -573,7 +571,6 @@ class MutationIndex:
         trait = op.trait
         doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.TRAIT_PUT)
         doc.add_text(F_TRAIT_ID, trait.id)
-        doc.add_text(F_ENTITY_TRAIT_ID, f"{op.entity_id}_{trait.id}")
         doc.add_unsigned(F_CREATION_DATE, _ts_ns(trait.creation_date) if trait.HasField("creation_date") else 0)
         doc.add_unsigned(
             F_MODIFICATION_DATE, _ts_ns(trait.modification_date) if trait.HasField("modification_date") else 0
