@@ -372,7 +372,7 @@ def load(
                 await asyncio.sleep(0.02)
             return time.perf_counter() - start_t, latency, counted
 
-    cpu_before = cpu_seconds(store_pid), cpu_seconds(chain_pid)
+    cpu_before = cpu_seconds(store_pid), cpu_seconds(chain_pid), time.process_time()
     elapsed, latency, counted = asyncio.run(run())
     return {
         "seconds": elapsed,
@@ -382,6 +382,7 @@ def load(
         "store_cpu": cpu_seconds(store_pid) - cpu_before[0],
         "store_rss_mb": memory_mb(store_pid),
         "chain_cpu": cpu_seconds(chain_pid) - cpu_before[1],
+        "client_cpu": time.process_time() - cpu_before[2],
     }
 
 
@@ -759,7 +760,8 @@ def report(args: argparse.Namespace, out: dict) -> None:
             f"{load_figures['seconds']:.1f} s; {args.concurrency} x {args.batch}-mutation requests in flight"
             f"{' with wait_indexed' if args.wait_indexed else ''}, request p50 {lat.p50:.0f} ms p99 {lat.p99:.0f} ms"
             f"{f', {lat.errors} not indexed within the store wait' if args.wait_indexed else ''}; "
-            f"CPU: store {load_figures['store_cpu']:.1f} s, chain {load_figures['chain_cpu']:.1f} s; "
+            f"CPU: store {load_figures['store_cpu']:.1f} s, chain {load_figures['chain_cpu']:.1f} s, "
+            f"this client {load_figures['client_cpu']:.1f} s; "
             f"store memory {load_figures['store_rss_mb']:,.0f} MB)"
         )
         after = out["after_load"]
