@@ -86,7 +86,7 @@ from exocommon.sealed import SealedPayloadError, open_sealed
 from exocore.chain.v1 import chain_pb2
 from exocore.store import entity_pb2, mutation_pb2, query_pb2
 from exostore.aggregator import EntityAggregator
-from exostore.mutation_index import DOCUMENT_CACHE_SIZE, DocumentCache, MutationIndex
+from exostore.mutation_index import DOCUMENT_CACHE_SIZE, DocumentCache, IndexSchemaMismatch, MutationIndex
 from exostore.payloads import BlockRef, PayloadStore, Progress
 from exostore.registry import TraitRegistry, type_name_from_url
 from exostore.schema import IndexSchema
@@ -408,7 +408,13 @@ class EntityIndex:
                 recorded = {}
         # Types no longer registered keep their entry: if one comes back changed, its documents are stale.
         self._record_mappings({**recorded, **current})
-        self.chain = self._new_chain_index()
+        try:
+            self.chain = self._new_chain_index()
+        except IndexSchemaMismatch as exc:
+            log.warning("%s; rebuilding it from the chain", exc)
+            self._wipe_chain_index_files()
+            self._record_mappings(current)
+            self.chain = self._new_chain_index()
 
     def _new_chain_index(self) -> MutationIndex:
         s = self.settings.chain_index

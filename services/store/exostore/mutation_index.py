@@ -280,6 +280,11 @@ class _Page(Sequence[MutationMetadata]):
         return item
 
 
+class IndexSchemaMismatch(FailedPrecondition):
+    """An on-disk index was created with another tantivy schema (another version of the store, another
+    pool size): it cannot be opened, only rebuilt."""
+
+
 class DocumentCache:
     """Documents built for the pending index, without block offset, by operation id, for the chain index to
     take when the operation's block is deep enough: a document depends only on its operation and the trait
@@ -337,7 +342,11 @@ class MutationIndex:
             self.path.mkdir(parents=True, exist_ok=True)
             try:
                 self._index = tantivy.Index(self.schema.tantivy_schema, path=str(self.path), reuse=True)
-            except ValueError as exc:  # e.g. created with another pool size: the index must be rebuilt
+            except ValueError as exc:
+                if "schema does not match" in str(exc):  # tantivy's words for it
+                    raise IndexSchemaMismatch(
+                        f"the mutation index at {self.path} was built with another tantivy schema"
+                    ) from exc
                 raise FailedPrecondition(f"cannot open the mutation index at {self.path}: {exc}") from exc
         # Manual: the searcher is reloaded here after each commit (and by `refresh`). With tantivy's default
         # policy a reload right after a commit could wait ~100 ms for its meta-file watcher (with one writer

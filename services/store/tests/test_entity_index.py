@@ -650,6 +650,31 @@ def test_a_chain_index_is_rebuilt_when_a_type_it_holds_is_mapped_otherwise(tmp_p
     s.close()
 
 
+def test_a_chain_index_built_with_another_tantivy_schema_is_rebuilt(tmp_path, caplog):
+    import shutil
+
+    import tantivy
+
+    caplog.set_level(logging.INFO)
+    s = Store(tmp_path, settings())
+    feed_history(s)
+    indexed = s.index.chain_indexed
+    assert indexed is not None
+    chain_path = s.index._chain_path
+    s.close()
+    # what an older store version might have left: an index whose fields differ from this schema's
+    shutil.rmtree(chain_path)
+    builder = tantivy.SchemaBuilder()
+    builder.add_text_field("entity_id", stored=True)
+    chain_path.mkdir()
+    tantivy.Index(builder.build(), path=str(chain_path), reuse=True)
+    s = Store(tmp_path, settings())
+    assert "was built with another tantivy schema; rebuilding it from the chain" in caplog.text
+    assert s.index.chain_indexed is None
+    assert not s.index.start_replay().has_from_block_offset  # everything again, from the genesis
+    s.close()
+
+
 def test_a_chain_index_without_recorded_mappings_is_rebuilt(tmp_path, caplog):
     from exostore.entity_index import MAPPINGS_FILE
 
