@@ -197,7 +197,7 @@ class ChainTailer:
                     self.connected = True
                     progressed = True
                     last_applied = loop.time()
-                    busy = sum(map(_entries, events)) >= self._busy_batch_entries
+                    busy = operations >= self._busy_batch_entries  # (with a discontinuity, unused: we resubscribe)
                     interval = self._busy_batch_interval_s if busy else self._min_batch_interval_s
                     update = await self._on_indexer(self._index.apply_chain_events, events)
                     if update.caught_up:

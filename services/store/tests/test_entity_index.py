@@ -658,8 +658,7 @@ def test_a_chain_index_built_with_another_tantivy_schema_is_rebuilt(tmp_path, ca
     caplog.set_level(logging.INFO)
     s = Store(tmp_path, settings())
     feed_history(s)
-    indexed = s.index.chain_indexed
-    assert indexed is not None
+    assert s.index.chain_indexed is not None
     chain_path = s.index._chain_path
     s.close()
     # what an older store version might have left: an index whose fields differ from this schema's
