@@ -109,7 +109,15 @@ class PayloadStore:
         except OSError as exc:
             raise FailedPrecondition(f"cannot create payload storage folder {self.path}: {exc}") from exc
         try:
-            self._db = plyvel.DB(str(self.path), create_if_missing=True, bloom_filter_bits=10)
+            self._db = plyvel.DB(
+                str(self.path),
+                create_if_missing=True,
+                bloom_filter_bits=10,
+                # Snappy compressing every payload in compactions (a background thread) was ~9% of the
+                # store's CPU under a burst of writes (bench-store, 100,000 notes: ~1.2 s) for ~30% less
+                # disk (49 -> 69 MB). Tables written compressed before stay readable.
+                compression=None,
+            )
         except plyvel.IOError as exc:  # (an OSError too)
             message = _error_text(exc)
             if "already held by process" in message or "IO error: lock " in message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import plyvel
 import pytest
 
 from exocore.store import mutation_pb2
@@ -25,6 +26,22 @@ def test_payloads_survive_reopening_and_are_ordered_by_operation_id(tmp_path):
     assert store.get(3) is None and store.get_mutation(3) is None
     store.delete_many([2, 3])
     assert store.operation_ids() == [300, 2**63 + 5]
+    store.close()
+
+
+def test_payloads_written_compressed_by_an_earlier_version_stay_readable(tmp_path):
+    # Earlier versions let LevelDB compress tables (Snappy); this one writes them uncompressed.
+    payload = mutation("a" * 2000).SerializeToString()  # compressible: Snappy really applies
+    db = plyvel.DB(str(tmp_path / "payloads"), create_if_missing=True, compression="snappy")
+    for operation_id in range(1, 2001):
+        db.put(b"p" + operation_id.to_bytes(8, "big"), payload)
+    db.compact_range()  # into tables, compressed
+    db.close()
+
+    store = PayloadStore(tmp_path / "payloads")
+    assert store.get_mutation(1234) == mutation("a" * 2000)
+    store.put_many([(5000, mutation("b").SerializeToString())], sync=True)
+    assert len(store.operation_ids()) == 2001 and store.get_mutation(5000) == mutation("b")
     store.close()
 
 
