@@ -583,12 +583,57 @@ def test_chain_events_convert_to_index_events():
         chain_pb2.ChainEvent(discontinuity=chain_pb2.StreamDiscontinuity()),
     ]
     converted = events_from_proto(events)
-    assert converted == [
-        BlockEvent(BlockRef(0, 1, genesis.hash.hex()), ()),
+    block_event = converted[0]
+    assert isinstance(block_event, BlockEvent) and block_event.ref == BlockRef(0, 1, genesis.hash.hex())
+    assert block_event.split(set()) == ((), [])
+    assert converted[1:] == [
         PendingEvent(ChainEntry(op(1), b"sealed")),
         CaughtUpEvent(0, op(1)),
         TruncatedEvent(5),
     ]
+
+
+def _block_of(operations: list[chain_pb2.SignedOperation], header_ids: list[int]) -> BlockEvent:
+    """The BlockEvent `events_from_proto` makes of a block whose header lists `header_ids`."""
+    header = chain_pb2.BlockHeader(
+        offset=100, height=2, operations_header=[chain_pb2.BlockOperationHeader(operation_id=i) for i in header_ids]
+    )
+    block = chain_pb2.Block(header_bytes=header.SerializeToString(), operations=operations)
+    [event] = events_from_proto([chain_pb2.ChainEvent(block=block)])
+    assert isinstance(event, BlockEvent)
+    return event
+
+
+def _signed_entries() -> list[chain_pb2.SignedOperation]:
+    """Entry operations op(1), op(2), op(3) with data b"e1", b"e2", b"e3"."""
+    operations = [new_entry_op(op(i), "node", b"e%d" % i) for i in (1, 2, 3)]
+    return [o.to_proto() for o in sign_operations(operations, Keypair.generate())]
+
+
+def test_a_block_parses_only_the_operations_not_known_yet():
+    signed = _signed_entries()
+    event = _block_of(signed, [op(1), op(2), op(3)])
+    assert event.split(set()) == ((op(1), op(2), op(3)), [ChainEntry(op(i), b"e%d" % i) for i in (1, 2, 3)])
+    assert event.split({op(2)}) == ((op(1), op(2), op(3)), [ChainEntry(op(1), b"e1"), ChainEntry(op(3), b"e3")])
+    # A known id is not parsed at all: its operation could be anything.
+    garbage = chain_pb2.SignedOperation(operation_bytes=b"not an operation")
+    event = _block_of([signed[0], garbage, signed[2]], [op(1), op(2), op(3)])
+    assert event.split({op(2)}) == ((op(1), op(2), op(3)), [ChainEntry(op(1), b"e1"), ChainEntry(op(3), b"e3")])
+    # An operation that is not an entry is left out, as before.
+    assert event.split(set()) == ((op(1), op(3)), [ChainEntry(op(1), b"e1"), ChainEntry(op(3), b"e3")])
+
+
+def test_a_block_whose_header_disagrees_with_its_operations_is_parsed_whole():
+    signed = _signed_entries()
+    swapped = _block_of(signed, [op(1), op(3), op(2)])
+    assert swapped.split({op(3)}) == ((op(1), op(2), op(3)), [ChainEntry(op(1), b"e1"), ChainEntry(op(2), b"e2")])
+    short = _block_of(signed, [op(1), op(2)])
+    assert short.split({op(1)}) == ((op(1), op(2), op(3)), [ChainEntry(op(2), b"e2"), ChainEntry(op(3), b"e3")])
+
+
+def test_given_block_entries_split_as_parsed_ones():
+    event = BlockEvent(BlockRef(100, 2, "aa"), (ChainEntry(op(1), b"e1"), ChainEntry(op(2), b"e2")))
+    assert event.split({op(1)}) == ((op(1), op(2)), [ChainEntry(op(2), b"e2")])
 
 
 def test_a_pending_event_for_a_chain_indexed_operation_is_ignored(tmp_path):
