@@ -123,7 +123,7 @@ class SizeIndex(RecordingIndex):
     """Records the operations of each event of a batch."""
 
     def apply_chain_events(self, events: list[chain_pb2.ChainEvent]) -> SimpleNamespace:
-        self.batches.append([len(e.pending_batch.operations) for e in events])
+        self.batches.append([len(e.pending_batch.operations) or len(e.block.operations) for e in events])
         return SimpleNamespace(caught_up=False)
 
 
@@ -139,6 +139,19 @@ async def test_a_batch_stops_at_its_operation_cap(cap: int):
         assert [len(b) for b in batches[1:]] == [3, 3, 3, 2]
     else:
         assert [len(b) for b in batches[1:]] == [11]
+
+
+def block_of(count: int) -> chain_pb2.ChainEvent:
+    operations = [chain_pb2.SignedOperation() for _ in range(count)]
+    return chain_pb2.ChainEvent(block=chain_pb2.Block(operations=operations))
+
+
+async def test_the_cap_counts_the_operations_of_blocks_beyond_the_pending_ones_received():
+    # A block's operations came as pending ones first: 401 pending, then a block of 401 counts for nothing,
+    # and the next block of 200 (no pending ones left to match) for 200: 400 + 200 >= 500 ends the batch.
+    events = [pending_batch(1), pending_batch(200), pending_batch(200), block_of(401), *(block_of(200) for _ in "abc")]
+    batches = await follow(events, gap_s=0.001, interval_s=0.3, batch_operations=500, index=SizeIndex())
+    assert batches == [[1], [200, 200, 401, 200], [200, 200]]
 
 
 class BacklogIndex:
