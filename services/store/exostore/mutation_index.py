@@ -105,6 +105,7 @@ REFRESH_INTERVAL = 1.0  # seconds between searcher reloads picking up background
 MERGE_WINDOW = 60.0  # seconds after a write during which background merges may still finish
 RESULTS_CACHE_SIZE = 256  # searches whose page is kept while the index does not change
 TIE_LOOKAHEAD = 64  # extra hits a first score-ordered search fetches (see `_search_by_score`)
+LISTING_MIN_DOCUMENTS = 1_000  # the smallest batch whose words come from the term dictionary (`_listing_words`)
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
 SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
 HITS_REMEMBERED = 4096  # disk index: hits read lately, by entity (see `MutationIndex._without_search`)
@@ -383,7 +384,7 @@ class MutationIndex:
         self._searcher = self._index.searcher()
         self._last_reload = self._last_write = time.monotonic()  # opening may leave merges to finish
         if self.path is not None and self._searcher.num_docs:  # words indexed by earlier runs
-            self._vocabulary.add_tokens([term for term, _ in self._searcher.terms_with_prefix(F_ALL_TEXT, "")])
+            self._add_words_of(self._searcher)
 
     def refresh(self) -> None:
         """Reload the searcher so that segments merged in the background are used (fewer segments, faster
@@ -414,6 +415,9 @@ class MutationIndex:
             return 0
         if built is not None and len(built) != len(ops):
             raise ValueError("built documents do not match the operations")
+        # A large batch's words reach the vocabulary from the committed index's term dictionary instead of
+        # each document's text (see `_listing_words`).
+        listing = built is None and self._listing_words(len(ops))
         with self._write_lock:
             writer = self._writer
             if writer is None:
@@ -456,7 +460,7 @@ class MutationIndex:
                             adds = [add for add in adds if add[0] not in gone]
                         continue
                     prebuilt = built[position] if built is not None else None
-                    doc = prebuilt if prebuilt is not None else self._document_for(op, documents)
+                    doc = prebuilt if prebuilt is not None else self._document_for(op, documents, not listing)
                     writer.add_document(doc)
                     operation_id, entity_id = op.operation_id, op.entity_id
                     if single is not None:
@@ -481,9 +485,12 @@ class MutationIndex:
                         single[operation_id] = entity_id
                     else:
                         several.add(operation_id)
+            self._index.reload()
+            searcher = self._index.searcher()
+            if listing:  # before any search uses this searcher (a fuzzy term expands to the words known then)
+                self._add_words_of(searcher)
             with self._cache_lock:
-                self._index.reload()
-                self._searcher = self._index.searcher()
+                self._searcher = searcher
                 self._last_reload = self._last_write = time.monotonic()
                 self._generation += 1
                 self._score_rows.clear()
@@ -535,24 +542,40 @@ class MutationIndex:
             None if isinstance(op, DeleteOperationsOperation) else self._document_for(op, documents) for op in ops
         ]
 
-    def _document_for(self, op: IndexOperation, documents: DocumentCache | None) -> tantivy.Document:
-        """`op`'s document, shared through `documents` between the pending and the chain index."""
+    def _listing_words(self, documents: int) -> bool:
+        """Whether a batch of `documents` adds its words to the vocabulary by listing the index's term
+        dictionary once committed, rather than by splitting each document's text (~6 µs a note, most of it
+        looking up its ~60 words): a listing costs ~3 µs a word of the vocabulary (16 ms for 5,000, whatever
+        the documents), so it pays for batches of at least as many documents as the vocabulary has words
+        (a burst of writes: ~10,000 a batch)."""
+        vocabulary = self._vocabulary
+        return not vocabulary.saturated and documents >= max(len(vocabulary), LISTING_MIN_DOCUMENTS)
+
+    def _add_words_of(self, searcher: tantivy.Searcher) -> None:
+        """Every word of the index (as `searcher` sees it) into the vocabulary."""
+        self._vocabulary.add_tokens([term for term, _ in searcher.terms_with_prefix(F_ALL_TEXT, "")])
+
+    def _document_for(
+        self, op: IndexOperation, documents: DocumentCache | None, words: bool = True
+    ) -> tantivy.Document:
+        """`op`'s document, shared through `documents` between the pending and the chain index. `words`: add
+        its words to the vocabulary (else the caller does, see `_listing_words`)."""
         if documents is None or not isinstance(op, _SHAREABLE):
-            return self._document(op)
+            return self._document(op, words)
         block_offset, version = op.block_offset, self.registry.version
         if block_offset is None:
             doc = documents.get(op.operation_id, version)
             if doc is None:
-                doc = self._document(op)
+                doc = self._document(op, words)
                 documents.put(op.operation_id, version, doc)
             return doc  # the writer copies it: the cached one stays without block offset
         doc = documents.take(op.operation_id, version)
         if doc is None:
-            return self._document(op)
+            return self._document(op, words)
         doc.add_unsigned(F_BLOCK_OFFSET, block_offset)
         return doc
 
-    def _document(self, op: IndexOperation) -> tantivy.Document:
+    def _document(self, op: IndexOperation, words: bool = True) -> tantivy.Document:
         if not isinstance(op, _DOCUMENT_OPERATIONS):
             raise TypeError(f"not an index operation: {op!r}")
         doc = tantivy.Document()
@@ -562,7 +585,7 @@ class MutationIndex:
         if block_offset is not None:
             doc.add_unsigned(F_BLOCK_OFFSET, block_offset)
         if isinstance(op, PutTraitOperation):
-            self._put_fields(doc, op)
+            self._put_fields(doc, op, words)
             return doc
         doc.add_unsigned(F_CREATION_DATE, 0)
         doc.add_unsigned(F_MODIFICATION_DATE, 0)
@@ -576,7 +599,7 @@ class MutationIndex:
             doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.PENDING_DELETION)
         return doc
 
-    def _put_fields(self, doc: tantivy.Document, op: PutTraitOperation) -> None:
+    def _put_fields(self, doc: tantivy.Document, op: PutTraitOperation, words: bool = True) -> None:
         trait = op.trait
         doc.add_unsigned(F_DOCUMENT_TYPE, DocumentType.TRAIT_PUT)
         doc.add_text(F_TRAIT_ID, trait.id)
@@ -614,7 +637,7 @@ class MutationIndex:
                             doc.add_integer(mapped.name, value)  # type: ignore[arg-type]
                         else:
                             doc.add_unsigned(mapped.name, value)  # type: ignore[arg-type]
-                if texts:  # one analysis for all of them: the analyzer splits on spaces anyway
+                if texts and words:  # one analysis for all of them: the analyzer splits on spaces anyway
                     self._vocabulary.add_tokens(text_words(self._analyzer, " ".join(texts)))
         doc.add_unsigned(F_HAS_REFERENCE, has_reference)
 

@@ -576,6 +576,9 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self._words)
 
+    def __contains__(self, word: object) -> bool:
+        return word in self._words
+
     def add_tokens(self, tokens: Iterable[str]) -> None:
         words = self._words
         if self.saturated:

@@ -206,6 +206,26 @@ def test_fuzzy_terms_as_vocabulary_words_match_what_the_automaton_matches():
     assert expanded > len(tokens)  # most queries needed no automaton at all
 
 
+def test_a_large_batch_lists_its_words_from_the_term_dictionary(monkeypatch):
+    """A batch of at least as many documents as the vocabulary has words (and LISTING_MIN_DOCUMENTS) gives the
+    vocabulary the words the index holds once committed; a smaller one, each document's words (then tokens
+    the analyzer drops, 40 bytes or more, are in too: a superset)."""
+    monkeypatch.setattr(mutation_index_module, "LISTING_MIN_DOCUMENTS", 4)
+    schema = IndexSchema(REGISTRY)
+    index = MutationIndex(schema, None, heap_size=15_000_000, num_threads=1)
+    long_word, other_long_word = "x" * 45, "y" * 45
+    texts = ["alpha beta", "gamme delta", f"epsilon {long_word}", "zeta", "eta theta"]
+    index.apply([put(op, f"e{op}", tm(string1=text)) for op, text in enumerate(texts, start=1)])
+    vocabulary = schema.vocabulary
+    assert all(word in vocabulary for word in ("alpha", "gamme", "epsilon", "theta"))
+    assert long_word not in vocabulary  # listed from the index, which does not hold it
+    compiled = repr(index.compile(Q.EntityQuery(match=Q.MatchPredicate(query="gamma"))).query)
+    assert '"gamme"' in compiled and "Fuzzy" not in compiled  # the listed neighbour, searched as a term
+    assert ops(search(index, match=Q.MatchPredicate(query="gamma"))) == [2]
+    index.apply([put(10, "e10", tm(string1=f"iota {other_long_word}"))])  # 1 < 9 words: split per document
+    assert "iota" in vocabulary and other_long_word in vocabulary
+
+
 def test_match_covers_nested_text_but_not_plain_strings():
     index = new_index()
     index.apply(
