@@ -70,7 +70,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -140,17 +140,17 @@ class BlockEvent:
     operation_ids: tuple[int, ...] = ()  # the header's, in block order (with `operations`)
     operations: Sequence[chain_pb2.SignedOperation] = ()
 
-    def split(self, known: set[int]) -> tuple[tuple[int, ...], list[ChainEntry]]:
-        """The operation ids of the block's entries (block order), and the entries of those not in `known`
-        (operations of other kinds are left out). An id in `known` is taken from the header unparsed: it is
-        an entry that was indexed."""
+    def split(self, known: set[int], coming: Set[int] = frozenset()) -> tuple[tuple[int, ...], list[ChainEntry]]:
+        """The operation ids of the block's entries (block order), and the entries of those neither in `known`
+        nor in `coming` (operations of other kinds are left out). An id in either is taken from the header
+        unparsed: it is an entry that was indexed, or that a pending event of the same batch brings."""
         if self.operations:
             ids = self.operation_ids
             found: list[int] = []
             new: list[ChainEntry] = []
             if len(ids) == len(self.operations):
                 for operation_id, signed in zip(ids, self.operations, strict=True):
-                    if operation_id in known:
+                    if operation_id in known or operation_id in coming:
                         found.append(operation_id)
                         continue
                     entry = _entry_of(signed)
@@ -168,7 +168,7 @@ class BlockEvent:
         found, new = [], []
         for entry in entries:
             found.append(entry.operation_id)
-            if entry.operation_id not in known:
+            if entry.operation_id not in known and entry.operation_id not in coming:
                 new.append(entry)
         return tuple(found), new
 
@@ -710,9 +710,10 @@ class EntityIndex:
         # back and parsing their payloads again, one LevelDB read and one parse each, served nothing).
         entries: list[ChainEntry] = []
         blocks: dict[int, tuple[tuple[int, ...], list[ChainEntry]]] = {}  # by position: `BlockEvent.split`
+        coming = {e.entry.operation_id for e in events if isinstance(e, PendingEvent)}
         for position, event in enumerate(events):
             if isinstance(event, BlockEvent):
-                blocks[position] = event.split(target_ops)
+                blocks[position] = event.split(target_ops, coming)
                 entries.extend(blocks[position][1])
             elif isinstance(event, PendingEvent) and event.entry.operation_id not in target_ops:
                 entries.append(event.entry)

@@ -204,6 +204,15 @@ def test_a_pending_operation_then_its_block_is_indexed_once(store):
     assert store.entities("once") == [("e1", ["once"])]
 
 
+def test_a_pending_operation_and_its_block_in_one_batch_are_indexed_once(store):
+    start(store, GENESIS, caught_up(1))
+    e = entry(1, put("e1", "t1", "once"))
+    update = store.index.apply_events([pending(e), block(2, e)])
+    assert update.indexed == [op(1)] and update.committed == [op(1)]
+    assert store.index.pending.count() == 1 and store.pending_ops() == {op(1)}
+    assert store.entities("once") == [("e1", ["once"])]
+
+
 def test_a_block_entry_already_pending_is_not_read_back(store, monkeypatch):
     start(store, GENESIS, caught_up(1))
     e1, e2 = entry(1, put("e1", "t1", "one")), entry(2, put("e2", "t1", "two"))
@@ -619,6 +628,8 @@ def test_a_block_parses_only_the_operations_not_known_yet():
     garbage = chain_pb2.SignedOperation(operation_bytes=b"not an operation")
     event = _block_of([signed[0], garbage, signed[2]], [op(1), op(2), op(3)])
     assert event.split({op(2)}) == ((op(1), op(2), op(3)), [ChainEntry(op(1), b"e1"), ChainEntry(op(3), b"e3")])
+    # Nor is one that a pending event of the same batch brings.
+    assert event.split(set(), {op(2)}) == ((op(1), op(2), op(3)), [ChainEntry(op(1), b"e1"), ChainEntry(op(3), b"e3")])
     # An operation that is not an entry is left out, as before.
     assert event.split(set()) == ((op(1), op(3)), [ChainEntry(op(1), b"e1"), ChainEntry(op(3), b"e3")])
 
