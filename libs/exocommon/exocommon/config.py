@@ -1000,7 +1000,11 @@ class MutationIndexSettings:
     # policy one thread also made the reload after each commit wait ~100 ms; the store reloads manually
     # (`MutationIndex`), which removed that wait.
     indexer_num_threads: int = 1
-    indexer_heap_size_bytes: int = 30_000_000
+    # 100 MB, not SPEC 3.10's 30: tantivy flushes a segment whenever its writer's arena reaches the heap size,
+    # and a batch of 20,000 notes (a burst, a chain-index round) took ~60 MB: two segments a commit, merged
+    # later. With one a commit, a 100,000-note burst cost the store 10-11 s of CPU instead of ~12, and its
+    # chain indexing after it 7 s instead of 9-10 (`make bench-store`), for the same peak memory.
+    indexer_heap_size_bytes: int = 100_000_000
     entity_mutations_cache_size: int = 5000
 
     @classmethod

@@ -587,7 +587,7 @@ def test_settings_defaults():
         i.chain_index_deferred_max_pending,
     ) == (5, 15, 300, 2, 100_000)
     for m in (i.pending_index, i.chain_index):
-        assert m == MutationIndexSettings(1, 30_000_000, 5000)  # one writer thread: see config.py
+        assert m == MutationIndexSettings(1, 100_000_000, 5000)  # one writer thread, 100 MB: see config.py
     assert (i.garbage_collector.run_interval_secs, i.garbage_collector.queue_size) == (13, 500)
     ch = ChainStorageSettings.from_config(None)
     assert (ch.segment_max_size, ch.segment_max_open_mmap) == (200 * 1024 * 1024, 20)
@@ -604,7 +604,7 @@ def test_settings_overrides():
     assert s.index.chain_index_deferred_max_secs == 2**63
     assert (s.index.chain_index_deferred_write_secs, s.index.chain_index_deferred_max_pending) == (3, 5000)
     assert s.index.pending_index == MutationIndexSettings(3, 40_000_000, 5000)
-    assert s.index.chain_index == MutationIndexSettings(1, 30_000_000, 0)
+    assert s.index.chain_index == MutationIndexSettings(1, 100_000_000, 0)
     assert (s.index.garbage_collector.run_interval_secs, s.index.garbage_collector.queue_size) == (14, 501)
     ch = ChainStorageSettings.from_config(cfg.chain)
     assert (ch.segment_max_size, ch.segment_max_open_mmap) == (1 << 20, 10)
