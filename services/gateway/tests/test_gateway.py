@@ -80,6 +80,21 @@ async def gateway_setup(replicas: int = 2, limits: LimitSettings | None = None, 
             await gateway.stop()
 
 
+@contextlib.asynccontextmanager
+async def gateway_for(addresses: tuple[str, ...]) -> AsyncIterator[tuple[Gateway, str]]:
+    """A started gateway of a new cell whose store replicas are at `addresses`, and a valid token for it."""
+    node = Keypair.generate()
+    cell_id = _peer(Keypair.generate())
+    view = CellView(cell_id, "test", {_peer(node): node.public_key}, addresses)
+    gateway = Gateway(GatewaySettings(grpc_bind="127.0.0.1:0", health_interval_s=0.2), lambda: view)
+    await gateway.start()
+    gateway.grpc_server.drain_delay_s = 0
+    try:
+        yield gateway, AuthToken.create(cell_id, node, now_ns(), now_ns() + 3600 * NS).encode_base58()
+    finally:
+        await gateway.stop()
+
+
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
     async with gateway_setup() as value:
@@ -509,8 +524,6 @@ async def test_unary_calls_go_over_the_store_link_when_the_replica_serves_one():
     from exocommon.grpc_util.link import link_registration
     from exocommon.testing.fake_store import SERVICE
 
-    node = Keypair.generate()
-    cell_id = _peer(Keypair.generate())
     linked: list[str] = []
 
     async def query(body: bytes, remaining: float | None) -> bytes:
@@ -537,12 +550,7 @@ async def test_unary_calls_go_over_the_store_link_when_the_replica_serves_one():
     )
     await server.start()
     try:
-        view = CellView(cell_id, "test", {_peer(node): node.public_key}, (server.address,))
-        gateway = Gateway(GatewaySettings(grpc_bind="127.0.0.1:0", health_interval_s=0.2), lambda: view)
-        await gateway.start()
-        gateway.grpc_server.drain_delay_s = 0
-        token = AuthToken.create(cell_id, node, now_ns(), now_ns() + 3600 * NS).encode_base58()
-        try:
+        async with gateway_for((server.address,)) as (gateway, token):
             async with Client(gateway.grpc_address, token) as client:
                 results = await client.query(QueryBuilder.all())
                 assert [r.entity.id for r in results.entities] == ["linked"]
@@ -560,10 +568,50 @@ async def test_unary_calls_go_over_the_store_link_when_the_replica_serves_one():
             async with Client(gateway.grpc_address, token) as client:
                 with pytest.raises(Unavailable):
                     await client.query(QueryBuilder.all(), timeout=2)
-        finally:
-            await gateway.stop()
     finally:
         await server.stop()
+
+
+async def test_unavailable_answered_over_a_store_link_fails_over():
+    # a replica whose chain node is down answers UNAVAILABLE over its link: the call goes to the next one
+    from exocommon.grpc_util import ServiceServer
+    from exocommon.grpc_util.link import link_registration
+    from exocommon.testing.fake_store import SERVICE
+
+    answered: list[str] = []
+
+    def linked_store(name: str, chain_down: bool) -> ServiceServer:
+        async def mutate(body: bytes, remaining: float | None) -> bytes:
+            answered.append(name)
+            if chain_down:
+                raise Unavailable("the chain service is not available: connection refused")
+            return mutation_pb2.MutationResult(operation_ids=[7]).SerializeToString()
+
+        return ServiceServer(
+            f"fake-{name}",
+            "127.0.0.1:0",
+            [
+                (entity_store_pb2_grpc.add_EntityStoreServicer_to_server, FakeEntityStore(name), SERVICE),
+                link_registration({f"/{SERVICE}/Mutate": mutate}),
+            ],
+            drain_delay_s=0,
+            grace_s=0.2,
+        )
+
+    servers = [linked_store("down", True), linked_store("up", False)]
+    for server in servers:
+        await server.start()
+    try:
+        async with gateway_for(tuple(s.address for s in servers)) as (gateway, token):
+            async with Client(gateway.grpc_address, token) as client:
+                for _ in range(4):
+                    result = await client.mutate(MutationBuilder().put_trait("e", test_pb2.TestMessage(string1="x")))
+                    assert list(result.operation_ids) == [7]
+            assert "down" in answered and answered.count("up") == 4
+            assert gateway.statistics()["replicas"][0]["link"] is True
+    finally:
+        for server in servers:
+            await server.stop()
 
 
 async def test_replicas_without_a_link_are_called_directly(setup):
