@@ -105,10 +105,10 @@ REFRESH_INTERVAL = 1.0  # seconds between searcher reloads picking up background
 MERGE_WINDOW = 60.0  # seconds after a write during which background merges may still finish
 RESULTS_CACHE_SIZE = 256  # searches whose page is kept while the index does not change
 TIE_LOOKAHEAD = 64  # extra hits a first score-ordered search fetches (see `_search_by_score`)
-LISTING_MIN_DOCUMENTS = 1_000  # the smallest batch whose words come from the term dictionary (`_listing_words`)
 TIE_EXPANSION_CAP = 50_000  # score ties beyond this many hits keep tantivy's (document address) order
 SCORE_ROWS_CACHE_SIZE = 32  # score-ordered queries whose sorted rows are kept for their next pages
 HITS_REMEMBERED = 4096  # disk index: hits read lately, by entity (see `MutationIndex._without_search`)
+LISTING_MIN_DOCUMENTS = 1_000  # the smallest batch whose words come from the term dictionary (`_listing_words`)
 # Pending documents kept for the chain index (~2 KB each for a note): a deferred chain-indexing round (5 s)
 # at 10,000 mutations/s takes ~50,000; a missing one is built again on the indexing thread.
 DOCUMENT_CACHE_SIZE = 50_000

@@ -53,8 +53,8 @@ BATCH_SIZE = 50
 # the index lacks; an event of a 500-entry append carries 500): when the indexing thread fell behind a burst,
 # 50 events were up to 50,000 operations, applied in ~5 s during which none of them was searchable. The
 # operations of a block that came as pending ones first (most) cost next to nothing: counted, they cut a
-# burst of 100,000 notes into ten ~10,000-document commits (ten segments, which tantivy then merged);
-# uncounted, the pending index got nine commits of up to 20,000 and no merge during the burst.
+# burst of 100,000 notes into ten ~10,000-document commits; uncounted, nine of up to 20,000 (fewer, larger
+# segments for tantivy to merge).
 BATCH_OPERATIONS = 20_000
 # While events keep coming, a batch is applied at most this often (less when a full batch waits): each
 # applied batch is a commit of the pending index, whose fixed cost (milliseconds of tantivy CPU, most of
