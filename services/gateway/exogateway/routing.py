@@ -306,14 +306,11 @@ class Router:
                             raise
                         log.info("store replica %s serves no link: calling it directly", replica.address)
                 return await replica.unary(method)(request, timeout=remaining)
-            except LinkCallError as exc:
-                # UNAVAILABLE answered over the link fails over as it does from a direct call (say, the
-                # replica's chain node is restarting: nothing was written)
-                if exc.code != grpc.StatusCode.UNAVAILABLE:
+            except (LinkCallError, LinkBroken) as exc:
+                # A broken link, or UNAVAILABLE answered over it, fails over as it does from a direct call
+                # (say, the replica's chain node is restarting: nothing was written)
+                if isinstance(exc, LinkCallError) and exc.code != grpc.StatusCode.UNAVAILABLE:
                     raise StoreStatusError(exc.code, exc.details, replica.address) from None
-                self.mark_failed(replica)
-                errors.append(f"{replica.address}: {exc.details}")
-            except LinkBroken as exc:
                 self.mark_failed(replica)
                 errors.append(f"{replica.address}: {exc.details}")
             except grpc.aio.AioRpcError as exc:

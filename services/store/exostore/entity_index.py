@@ -140,7 +140,7 @@ class BlockEvent:
     operation_ids: tuple[int, ...] = ()  # the header's, in block order (with `operations`)
     operations: Sequence[chain_pb2.SignedOperation] = ()
 
-    def split(self, known: set[int], coming: Set[int] = frozenset()) -> tuple[tuple[int, ...], list[ChainEntry]]:
+    def split(self, known: Set[int], coming: Set[int] = frozenset()) -> tuple[tuple[int, ...], list[ChainEntry]]:
         """The operation ids of the block's entries (block order), and the entries of those neither in `known`
         nor in `coming` (operations of other kinds are left out). An id in either is taken from the header
         unparsed: it is an entry that was indexed, or that a pending event of the same batch brings."""
