@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from exochain.core.common import NS_PER_S, ChainSyncConfig, ChainSyncStatus
 from exochain.simulation import Faults, InvariantViolation, Simulation, SimulationConfig
 
 SEEDS = int(os.environ.get("EXO_SIM_SEEDS", "200"))
@@ -78,3 +79,57 @@ def test_minimum_block_interval_keeps_invariants_and_gathers_entries(seed):
     proposed = [h.proposed_operation_id for h in headers]
     assert all(b - a >= 199 * 1_000_000 for a, b in zip(proposed, proposed[1:], strict=False))
     assert sum(len(h.operation_ids) for h in headers) / len(headers) > 2
+
+
+def test_entries_appended_before_a_node_is_synchronized_are_pushed_once_it_is():
+    """A node that starts before its peers appends while its chain sync status is still unknown (the
+    first seconds of a cell). Those entries are not pushed then; the periodic check carries only ids
+    older than half its interval. They are pushed the moment the node is synchronized."""
+    sim = Simulation(11, SimulationConfig(fault_phase_ms=0), Faults(delay_ms_max=1))
+    first, *others = sim.nodes
+    for node_id in others:
+        sim.crash(node_id)
+    for _ in range(20):  # 1 s alone: its sync requests go nowhere
+        sim._step(faulty=False)
+    for node_id in others:
+        sim.restart(node_id)
+    node = sim.nodes[first]
+    assert node.engine is not None
+    appended: list[int] = []
+    while node.engine.chain_sync.status is not ChainSyncStatus.SYNCHRONIZED:
+        assert len(appended) < 200, "never synchronized"
+        appended += node.engine.append([b"early"], node.clock.now_ns())
+        sim._flush(node, reliable=True)
+        sim._step(faulty=False)
+    sim._step(faulty=False)  # one tick later (messages take at most 1 ms)
+    for node_id in others:
+        held = {entry.op.operation_id for entry in sim.nodes[node_id].pending.range()}
+        assert set(appended) <= held, f"{len(set(appended) - held)} of {len(appended)} entries not on {node_id}"
+
+
+def test_a_node_whose_peers_come_late_synchronizes_when_they_speak_to_it():
+    """A node alone asks its silent peers every 5 s at least (the default interval, backing off to
+    30 s). When they come up, their requests show they are alive: it asks them again at once, rather
+    than when its interval since the last, unanswered, request is over."""
+    config = SimulationConfig(fault_phase_ms=0)
+    sync = ChainSyncConfig(request_min_interval_ns=5 * NS_PER_S, request_max_interval_ns=30 * NS_PER_S)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, chain_sync=sync))
+    sim = Simulation(12, config, Faults(delay_ms_max=1))
+    first, *others = sim.nodes
+    for node_id in others:
+        sim.crash(node_id)
+    node = sim.nodes[first]
+    assert node.engine is not None
+    trackers = [info.tracker for info in node.engine.chain_sync._peers.values()]
+    for _ in range(5):  # ~55 s alone, until it just sent a request again
+        sent = trackers[0].last_request_ns
+        while trackers[0].last_request_ns == sent:
+            sim._step(faulty=False)
+    sim._step(faulty=False)  # that request is lost
+    for node_id in others:
+        sim.restart(node_id)
+    steps = 0
+    while node.engine.chain_sync.status is not ChainSyncStatus.SYNCHRONIZED and steps < 200:
+        sim._step(faulty=False)
+        steps += 1
+    assert steps <= 6, f"synchronized only after {steps * sim.config.tick_ms} ms"

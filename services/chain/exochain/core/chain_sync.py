@@ -260,7 +260,12 @@ class ChainSynchronizer:
         if info is None:
             log.warning("chain sync request from a node that is not a chain peer", extra={"node_id": from_node_id})
             return []
-        # A request proves the peer is alive as much as an answer does.
+        # A request proves the peer is alive as much as an answer does. If our last request to it got
+        # no answer (the peer was down: a node that started before its peers, say), ask again now
+        # rather than after the backoff (5 s to 30 s): our synchronization waits for its answer. Once
+        # per unanswered request: the peer answers ours before it sees it (one lane, in order).
+        if info.tracker.unanswered():
+            info.tracker.force_next()
         info.tracker.responded(now_ns)
         response = chain_pb2.ChainSyncResponse(from_offset=request.from_offset, to_offset=request.to_offset)
         if request.requested_details == BLOCKS:

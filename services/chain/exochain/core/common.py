@@ -146,15 +146,19 @@ class RequestTracker:
         return self.last_request_ns is None or now_ns - self.last_request_ns >= self.backoff_ns()
 
     def sent(self, now_ns: int) -> None:
-        if self.last_request_ns is not None and (
-            self.last_response_ns is None or self.last_response_ns < self.last_request_ns
-        ):
+        if self.unanswered():
             self.failures += 1
         self.last_request_ns = now_ns
 
     def responded(self, now_ns: int) -> None:
         self.last_response_ns = now_ns
         self.failures = 0
+
+    def unanswered(self) -> bool:
+        """Whether the last request sent got no response since."""
+        return self.last_request_ns is not None and (
+            self.last_response_ns is None or self.last_response_ns < self.last_request_ns
+        )
 
     def reset(self) -> None:
         self.last_request_ns = None

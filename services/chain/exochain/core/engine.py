@@ -27,7 +27,8 @@ future: the two clocks disagree) is logged as a warning, at most once a minute p
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from exochain.core.chain_sync import ChainSynchronizer
@@ -53,6 +54,8 @@ from exocore.chain.v1 import chain_pb2
 log = logging.getLogger(__name__)
 
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
+# Local entries appended while not synchronized that are pushed once synchronized (see `Engine._hold`).
+HELD_PUSHES_MAX = 10_000
 CLOCK_AHEAD_WARN_NS = 2 * NS_PER_S
 CLOCK_WARN_INTERVAL_NS = 60 * NS_PER_S
 
@@ -140,6 +143,9 @@ class Engine:
         self._outbox: list[Outgoing] = []
         # Batches of local entries appended with `deferred`, not pushed yet (see `after_append`).
         self._unpushed: list[list[SignedOp]] = []
+        # Ids of the batches appended while not synchronized, oldest first (see `_hold`).
+        self._held: deque[list[int]] = deque()
+        self._held_count = 0
         self._events: list[EngineEvent] = []
         # Per chain peer: the highest local entry id the shell delivered to it (`peer_received`).
         self._peers_received: dict[str, int] = {}
@@ -175,15 +181,40 @@ class Engine:
         """Pushes the entries appended since the last call (one push per append, as they were
         signed), then runs `commit_round`."""
         batches, self._unpushed = self._unpushed, []
-        # Pushed right away while synchronized; otherwise the periodic range sync carries them later.
+        # Pushed right away while synchronized; otherwise once synchronized (`_hold`).
+        ids = [[op.operation_id for op in ops] for ops in batches]
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
-            pending = self.pending
-            for ops in batches:
-                # Always all of them in practice; a cleanup between the append and this call could
-                # only have removed entries committed meanwhile (their peers have them).
-                stored = [op for op in ops if pending.get(op.operation_id) is not None]
-                self._outbox.extend(self.pending_sync.handle_new_operations(stored, now_ns))
+            self._push_held(now_ns)
+            self._push(ids, now_ns)
+        else:
+            self._hold(ids)
         self.commit_round(now_ns)
+
+    def _push(self, batches: Iterable[Sequence[int]], now_ns: int) -> None:
+        """One push per batch of local entry ids, of those still in the pending store: a cleanup
+        between an append and its push only removes entries committed meanwhile (the peers have them)."""
+        pending = self.pending
+        for ids in batches:
+            entries = (pending.get(op_id) for op_id in ids)
+            stored = [entry.op for entry in entries if entry is not None]
+            self._outbox.extend(self.pending_sync.handle_new_operations(stored, now_ns))
+
+    def _hold(self, batches: list[list[int]]) -> None:
+        """Local entries appended while not synchronized (pending sync waits for that, on both sides)
+        are pushed as soon as this node is: the periodic check would carry them only after up to an
+        interval (5 s, more after failures), since it leaves out ids newer than half an interval.
+        Seen at a cell's start-up, where a node's first writes reached its peers 5 s late. At most
+        `HELD_PUSHES_MAX` entries, oldest dropped (the periodic check carries those)."""
+        for ids in batches:
+            self._held.append(ids)
+            self._held_count += len(ids)
+        while self._held_count > HELD_PUSHES_MAX and len(self._held) > 1:
+            self._held_count -= len(self._held.popleft())
+
+    def _push_held(self, now_ns: int) -> None:
+        if self._held and self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
+            held, self._held, self._held_count = self._held, deque(), 0
+            self._push(held, now_ns)
 
     def commit_round(self, now_ns: int) -> None:
         """After local appends: if it is our turn and enough entries wait, the proposal goes out now,
@@ -225,11 +256,13 @@ class Engine:
                 self._on_truncated(result.truncated)
             if result.written:
                 self._on_downloaded(result.written)
+            self._push_held(now_ns)
         else:
             log.warning("dropping message of unknown kind from %s", from_node_id)
 
     def tick(self, now_ns: int) -> None:
         self._outbox.extend(self.chain_sync.tick(now_ns))
+        self._push_held(now_ns)
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
             self._run_commit_manager(now_ns)
         if self.chain_sync.status is ChainSyncStatus.SYNCHRONIZED:
