@@ -260,12 +260,30 @@ DELIVER_ACK_EVERY = 64
 # A failed DeliverStream is opened again after this, doubling up to the max.
 _STREAM_BACKOFF_INITIAL_S = 0.1
 _STREAM_BACKOFF_MAX_S = 2.0
-# Reconnect quickly to a peer that comes back (grpc's default backoff grows to 120 s).
+# Before opening a stream, wait this long at most for a connection (see `_connected`).
+_PEER_CONNECT_WAIT_S = 2.0
+# Reconnect quickly to a peer that comes back (grpc's default backoff grows to 120 s): at most 1 s
+# after it listens (a connection attempt to a peer that is down costs next to nothing).
 _PEER_CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
+
+
+async def _connected(channel: grpc.aio.Channel, timeout_s: float) -> None:
+    """Waits up to `timeout_s` for `channel` to be connected (it tries now).
+
+    A stream opened on a channel that is not connected fails at once (no `wait_for_ready`), and
+    what it carried is given up on: a peer that just came up is only reached at grpc's next
+    reconnect attempt. Measured at a cell's start-up: a node's first messages to peers that started
+    after it were lost that way, and the nodes synchronized only at their next periodic requests,
+    5 s (after failures, up to 30 s) later; a node's first writes reached its peers that late."""
+    if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await channel.channel_ready()
 
 
 class _PeerStreamError(Exception):
@@ -335,7 +353,7 @@ class PeerLink:
         channel = create_channel(self.address, retry=False, options=_PEER_CHANNEL_OPTIONS)
         stub = chain_pb2_grpc.ChainPeerStub(channel)
         try:
-            await asyncio.gather(self._lane(stub, urgent=True), self._lane(stub, urgent=False))
+            await asyncio.gather(self._lane(channel, stub, urgent=True), self._lane(channel, stub, urgent=False))
         finally:
             await channel.close()
 
@@ -365,7 +383,7 @@ class PeerLink:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    async def _lane(self, stub: chain_pb2_grpc.ChainPeerStub, urgent: bool) -> None:
+    async def _lane(self, channel: grpc.aio.Channel, stub: chain_pb2_grpc.ChainPeerStub, urgent: bool) -> None:
         backoff = _STREAM_BACKOFF_INITIAL_S
         while True:
             if not (self._urgent if urgent else self._queue):
@@ -374,6 +392,7 @@ class PeerLink:
             if not self.streams:
                 await self._unary_lane(stub, urgent)
                 return
+            await _connected(channel, _PEER_CONNECT_WAIT_S)
             if await self._stream(stub, urgent):
                 backoff = _STREAM_BACKOFF_INITIAL_S
             else:

@@ -5,6 +5,7 @@ side (`ChainService.deliver_stream`): envelopes handled in order, acknowledged, 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -66,10 +67,10 @@ class FakePeer(chain_pb2_grpc.ChainPeerServicer):
                 await context.write(chain_pb2.DeliverAck(handled=handled))
 
 
-async def serve(peer: FakePeer) -> tuple[grpc.aio.Server, str]:
+async def serve(peer: FakePeer, port: int = 0) -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server()
     chain_pb2_grpc.add_ChainPeerServicer_to_server(peer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, f"127.0.0.1:{port}"
 
@@ -157,6 +158,35 @@ async def test_a_peer_that_acknowledges_nothing_is_given_up_on_and_the_stream_op
         await until(lambda: peer.streams == 2 and len(peer.streamed) == 2)
     finally:
         await stop(task, server)
+
+
+async def test_what_waits_for_a_peer_that_comes_up_is_delivered_not_given_up_on():
+    with socket.socket() as probe:  # a free port, where the peer is not listening yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    delivered: list[int] = []
+    link = PeerLink(
+        "peer", f"127.0.0.1:{port}", signer(), ShellConfig(), on_delivered=lambda _node, up_to: delivered.append(up_to)
+    )
+    task = asyncio.create_task(link.run())
+    peer = FakePeer()
+    server: grpc.aio.Server | None = None
+    try:
+        link.offer(push(10), own_up_to=10)
+        await until(lambda: delivered == [10])  # refused: given up on (the peer is down)
+        assert link.failed == 1
+        # The peer comes up 0.3 s later (as a node that starts after this one). What the link had to
+        # send meanwhile waits for the connection; it used to go on a stream that failed at once.
+        link.offer(push(20), own_up_to=20)
+        await asyncio.sleep(0.3)
+        server, _ = await serve(peer, port)
+        await until(lambda: delivered == [10, 20])
+        assert firsts_of(peer.streamed) == [20] and link.failed == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if server is not None:
+            await server.stop(None)
 
 
 # -- receiving ------------------------------------------------------------------------------------
