@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from exocommon.errors import (
     Unavailable,
 )
 from exocommon.grpc_util import (
+    DNS_MIN_RESOLUTION_INTERVAL_MS,
     ServiceServer,
     check_health,
     configure_logging,
@@ -585,3 +589,69 @@ async def test_extra_interceptors_run_and_errors_are_still_mapped():
     finally:
         await channel.close()
         await server.stop()
+
+
+# Run under a private /etc/hosts (a mount namespace): a server on 127.0.0.1, a channel to a name that
+# first points to 127.0.0.2 (nothing listens there); the test moves the name while the client calls.
+MOVING_NAME_CLIENT = """
+import asyncio, sys, time
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+import grpc.aio
+from exocommon.grpc_util import create_channel
+
+async def main():
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stub = health_pb2_grpc.HealthStub(create_channel(f"exo-moving-peer:{port}", retry=False))
+    failed = None
+    while True:
+        try:
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+            break
+        except grpc.aio.AioRpcError:
+            if failed is None:
+                failed = time.monotonic()
+                print("failing", flush=True)
+                sys.stdin.readline()  # the name was moved
+                moved = time.monotonic()
+        await asyncio.sleep(0.05)
+    print(f"reached {time.monotonic() - moved:.2f}", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def _private_mounts() -> bool:
+    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _private_mounts(), reason="needs root and unshare (a private /etc/hosts in a mount namespace)")
+def test_a_name_that_moves_to_another_address_is_looked_up_again_within_seconds(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.2 exo-moving-peer\n")
+    script = tmp_path / "client.py"
+    script.write_text(MOVING_NAME_CLIENT)
+    command = f"mount --bind {hosts} /etc/hosts && exec {sys.executable} {script}"
+    with subprocess.Popen(
+        ["unshare", "--mount", "sh", "-c", command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as client:
+        try:
+            assert client.stdout is not None and client.stdin is not None
+            assert client.stdout.readline().strip() == "failing", client.stderr and client.stderr.read()
+            hosts.write_text("127.0.0.1 exo-moving-peer\n")  # in place: the bind mount sees it
+            client.stdin.write("moved\n")
+            client.stdin.flush()
+            answer = client.stdout.readline().split()
+            assert answer and answer[0] == "reached", client.stderr and client.stderr.read()
+            # grpc's default waits 30 s before looking a name up again after a failed connection.
+            assert float(answer[1]) < 3 * DNS_MIN_RESOLUTION_INTERVAL_MS / 1000 + 2
+        finally:
+            client.kill()

@@ -2,7 +2,7 @@
 
 Server: `ServiceServer` / `serve` (health, reflection, graceful SIGTERM shutdown, request log and
 error mapping), `ErrorMappingInterceptor` (ExocoreError -> status), `RequestLoggingInterceptor`,
-`configure_logging`. Client: `create_channel` (retries + keepalive), `deadline`,
+`configure_logging`. Client: `create_channel` (retries, keepalive, fast DNS re-resolution), `deadline`,
 `DEFAULT_DEADLINE_S`, `wait_ready`, `check_health`, `exception_from_rpc_error` (status -> typed
 ExocoreError). See each module's docstring.
 """
@@ -11,6 +11,7 @@ from ._served import ErrorMappingInterceptor, RequestLoggingInterceptor
 from .client import (
     DEFAULT_DEADLINE_S,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DNS_MIN_RESOLUTION_INTERVAL_MS,
     check_health,
     create_channel,
     deadline,
@@ -23,6 +24,7 @@ from .server import Registration, ServiceServer, serve
 __all__ = [
     "DEFAULT_DEADLINE_S",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DNS_MIN_RESOLUTION_INTERVAL_MS",
     "ErrorMappingInterceptor",
     "Registration",
     "RequestLoggingInterceptor",
