@@ -3,7 +3,8 @@
 * `create_channel(target)` -> `grpc.aio.Channel` with a service config retrying UNAVAILABLE
   (4 attempts, 0.1 s initial backoff x2 up to 2 s), keepalive pings every 30 s (also on idle
   long-lived streams; `ServiceServer` accepts them), `max_message_bytes` both ways, and a name
-  looked up again 1 s after a failed connection (`DNS_MIN_RESOLUTION_INTERVAL_MS`).
+  looked up again 1 s after a failed connection (`DNS_MIN_RESOLUTION_INTERVAL_MS`), a lookup given
+  up after 2 s (`DNS_QUERY_TIMEOUT_MS`).
   Retries only happen before the server sent any response message or header, so a stream that
   already delivered data is never replayed.
 * Every outgoing call passes a timeout: ``stub.Query(req, timeout=deadline())`` uses
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_DEADLINE_S",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DNS_MIN_RESOLUTION_INTERVAL_MS",
+    "DNS_QUERY_TIMEOUT_MS",
     "RETRY_POLICY",
     "check_health",
     "create_channel",
@@ -64,6 +66,11 @@ _KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 # reached 30.1 s later by default, 2.0 s with this; and a chain node of `make test-deploy` reached
 # neither peer for exactly 30 s after start-up). A lookup costs next to nothing.
 DNS_MIN_RESOLUTION_INTERVAL_MS = 1_000
+# A name lookup gives up after this (grpc's default: 120 s). Podman's resolver forwards the name of a
+# container not created yet to the host's DNS servers, which may never answer (no network): in
+# `make test-deploy` a chain node's first lookups of its peers failed only after 40 s, and its
+# peers reached it 41 s late. A failed lookup is tried again within seconds.
+DNS_QUERY_TIMEOUT_MS = 2_000
 
 
 def _service_config(retry: bool) -> str:
@@ -91,6 +98,7 @@ def create_channel(
         # Our service config wins over one a DNS TXT record could provide.
         ("grpc.service_config_disable_resolution", 1),
         ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS),
+        ("grpc.dns_ares_query_timeout", DNS_QUERY_TIMEOUT_MS),
         *_KEEPALIVE_OPTIONS,
     ]
     overridden = {key for key, _ in options}
