@@ -63,13 +63,15 @@ _KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 # A name is looked up again at most this often after a connection to its address failed. grpc's
 # default is 30 s: a container or pod that comes back at another address, or whose name first
 # resolved elsewhere, stays unreachable that long (measured: a name moved to another address was
-# reached 30.1 s later by default, 2.0 s with this; and a chain node of `make test-deploy` reached
-# neither peer for exactly 30 s after start-up). A lookup costs next to nothing.
+# reached 30.1 s later by default, 2.0 s with this; in `make test-deploy` a chain node once reached
+# neither peer for exactly 30 s after start-up, not seen since). A lookup costs next to nothing.
 DNS_MIN_RESOLUTION_INTERVAL_MS = 1_000
-# A name lookup gives up after this (grpc's default: 120 s). Podman's resolver forwards the name of a
-# container not created yet to the host's DNS servers, which may never answer (no network): in
-# `make test-deploy` a chain node's first lookups of its peers failed only after 40 s, and its
-# peers reached it 41 s late. A failed lookup is tried again within seconds.
+# A lookup by grpc's own resolver (c-ares, its default; our image has grpc use the C library's,
+# bounded by RES_OPTIONS in deploy/Containerfile) gives up after this instead of 120 s: a DNS server
+# that never answers (podman's forwards a name it does not know yet, here to servers that never
+# answer) kept a peer unreachable all that time. A failed lookup is tried again within seconds
+# (measured against a server that never answers: the name was reached 2-4 s after it appeared in
+# /etc/hosts, 24.7 s later with grpc's default).
 DNS_QUERY_TIMEOUT_MS = 2_000
 
 
