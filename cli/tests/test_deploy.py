@@ -4,10 +4,12 @@ commands against the kmock in-memory Kubernetes API emulator (no real cluster ru
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -315,3 +317,39 @@ def test_entrypoint_waits_for_its_own_name_to_resolve():
     assert not container.wait_for_dns("no-such-host.invalid:3310", 0.3)
     assert time.monotonic() - started < 5
     assert container.wait_for_dns("no-such-host.invalid:3310", 0)  # 0 = do not wait
+
+
+def test_waiting_for_a_healthy_compose_cell_says_what_it_waits_for(monkeypatch, capsys):
+    path = Path(__file__).resolve().parents[2] / "deploy" / "compose" / "composectl.py"
+    spec = importlib.util.spec_from_file_location("composectl_under_test", path)
+    assert spec is not None and spec.loader is not None
+    ctl = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "composectl_under_test", ctl)
+    spec.loader.exec_module(ctl)
+
+    class Clock:  # `time` as composectl sees it: sleeping moves the clock
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+
+    clock = Clock()
+    monkeypatch.setattr(ctl, "time", clock)
+    cell = [
+        ctl.Container("exo_node1-chain_1", "node1-chain", "running"),
+        ctl.Container("exo_node1-store_1", "node1-store", "running"),
+    ]
+    monkeypatch.setattr(ctl, "containers", lambda _cell, service=None: cell)
+    monkeypatch.setattr(ctl, "healthy", lambda name: name.endswith("chain_1") or clock.now >= 1025)
+
+    assert ctl.wait_healthy(ctl.ComposeCell(3), timeout_s=60) == 25
+    assert capsys.readouterr().err.splitlines() == [
+        "waited 10s for health: exo_node1-store_1",
+        "waited 20s for health: exo_node1-store_1",
+    ]
+    monkeypatch.setattr(ctl, "healthy", lambda name: "store" not in name)
+    with pytest.raises(TimeoutError, match="not healthy after 5s: exo_node1-store_1"):
+        ctl.wait_healthy(ctl.ComposeCell(3), timeout_s=5)

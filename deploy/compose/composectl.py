@@ -143,15 +143,25 @@ def healthy(container: str) -> bool:
     return run(["podman", "healthcheck", "run", container], check=False, quiet=True).returncode == 0
 
 
-def wait_healthy(cell: ComposeCell, timeout_s: float = 240, services: set[str] | None = None) -> float:
-    """Waits until every (selected) container runs and its healthcheck passes; returns the seconds waited."""
+def wait_healthy(
+    cell: ComposeCell, timeout_s: float = 240, services: set[str] | None = None, report_every_s: float = 10
+) -> float:
+    """Waits until every (selected) container runs and its healthcheck passes; returns the seconds waited.
+    Every `report_every_s` it says on stderr which containers it still waits for (a cell is usually
+    healthy within 10 s, but podman's DNS server here sometimes answers nothing for a minute)."""
     started = time.monotonic()
+    next_report = started + report_every_s
     pending: list[str] = []
     while time.monotonic() - started < timeout_s:
         current = [c for c in containers(cell) if services is None or c.service in services]
         pending = [c.name for c in current if c.state != "running" or not healthy(c.name)]
         if current and not pending:
             return time.monotonic() - started
+        now = time.monotonic()
+        if now >= next_report:
+            waiting = ", ".join(pending) or "the containers to exist"
+            print(f"waited {now - started:.0f}s for health: {waiting}", file=sys.stderr, flush=True)
+            next_report = now + report_every_s
         time.sleep(1)
     raise TimeoutError(f"not healthy after {timeout_s:.0f}s: {', '.join(pending) or 'no container'}")
 
