@@ -58,41 +58,36 @@ def _peer(keypair: Keypair) -> str:
 
 
 @contextlib.asynccontextmanager
-async def gateway_setup(replicas: int = 2, limits: LimitSettings | None = None, shared: bool = True):
+async def gateway_for(
+    addresses: tuple[str, ...], settings: GatewaySettings | None = None
+) -> AsyncIterator[tuple[Gateway, str, Keypair, str]]:
+    """A started gateway of a new cell whose store replicas are at `addresses`: the gateway, a valid token
+    for it, the node key that signed it and the cell id."""
     node = Keypair.generate()
     cell_id = _peer(Keypair.generate())
+    view = CellView(cell_id, "test", {_peer(node): node.public_key}, addresses)
+    gateway = Gateway(settings or GatewaySettings(grpc_bind="127.0.0.1:0", health_interval_s=0.2), lambda: view)
+    await gateway.start()
+    gateway.grpc_server.drain_delay_s = 0
+    try:
+        yield gateway, AuthToken.create(cell_id, node, now_ns(), now_ns() + 3600 * NS).encode_base58(), node, cell_id
+    finally:
+        await gateway.stop()
+
+
+@contextlib.asynccontextmanager
+async def gateway_setup(replicas: int = 2, limits: LimitSettings | None = None, shared: bool = True):
     stores: list[FakeEntityStore] = []
     for index in range(replicas):
         stores.append(FakeEntityStore(f"r{index}", shared_with=stores[0] if stores and shared else None))
     async with contextlib.AsyncExitStack() as stack:
         servers = [await stack.enter_async_context(fake_store_server(store)) for store in stores]
-        view = CellView(cell_id, "test", {_peer(node): node.public_key}, tuple(s.address for s in servers))
         settings = GatewaySettings(
             grpc_bind="127.0.0.1:0", http_bind="127.0.0.1:0", limits=limits or LimitSettings(), health_interval_s=0.2
         )
-        gateway = Gateway(settings, lambda: view)
-        await gateway.start()
-        gateway.grpc_server.drain_delay_s = 0
-        token = AuthToken.create(cell_id, node, now_ns(), now_ns() + 3600 * NS).encode_base58()
-        try:
-            yield Setup(gateway, stores, servers, node, cell_id, token)
-        finally:
-            await gateway.stop()
-
-
-@contextlib.asynccontextmanager
-async def gateway_for(addresses: tuple[str, ...]) -> AsyncIterator[tuple[Gateway, str]]:
-    """A started gateway of a new cell whose store replicas are at `addresses`, and a valid token for it."""
-    node = Keypair.generate()
-    cell_id = _peer(Keypair.generate())
-    view = CellView(cell_id, "test", {_peer(node): node.public_key}, addresses)
-    gateway = Gateway(GatewaySettings(grpc_bind="127.0.0.1:0", health_interval_s=0.2), lambda: view)
-    await gateway.start()
-    gateway.grpc_server.drain_delay_s = 0
-    try:
-        yield gateway, AuthToken.create(cell_id, node, now_ns(), now_ns() + 3600 * NS).encode_base58()
-    finally:
-        await gateway.stop()
+        started = gateway_for(tuple(s.address for s in servers), settings)
+        gateway, token, node, cell_id = await stack.enter_async_context(started)
+        yield Setup(gateway, stores, servers, node, cell_id, token)
 
 
 @pytest.fixture
@@ -550,7 +545,7 @@ async def test_unary_calls_go_over_the_store_link_when_the_replica_serves_one():
     )
     await server.start()
     try:
-        async with gateway_for((server.address,)) as (gateway, token):
+        async with gateway_for((server.address,)) as (gateway, token, _, _):
             async with Client(gateway.grpc_address, token) as client:
                 results = await client.query(QueryBuilder.all())
                 assert [r.entity.id for r in results.entities] == ["linked"]
@@ -602,7 +597,7 @@ async def test_unavailable_answered_over_a_store_link_fails_over():
     for server in servers:
         await server.start()
     try:
-        async with gateway_for(tuple(s.address for s in servers)) as (gateway, token):
+        async with gateway_for(tuple(s.address for s in servers)) as (gateway, token, _, _):
             async with Client(gateway.grpc_address, token) as client:
                 for _ in range(4):
                     result = await client.mutate(MutationBuilder().put_trait("e", test_pb2.TestMessage(string1="x")))
